@@ -1,0 +1,111 @@
+"""Audio file reading, writing and conversion (soundfile + julius, no torchaudio needed)."""
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+import julius
+import numpy as np
+import soundfile as sf
+import torch
+
+from .errors import DemixError
+from .files import atomic_path
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """Shape and rate of an audio file, read from its header."""
+
+    samplerate: int
+    channels: int
+    frames: int
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return self.frames / self.samplerate
+
+
+def audio_info(path: tp.Union[str, Path]) -> AudioInfo:
+    """Read the header of an audio file. Raises :class:`DemixError` naming the file if unreadable."""
+    try:
+        info = sf.info(str(path))
+    except Exception as error:
+        raise DemixError(f"{path}: cannot read audio header ({_short(error)})") from None
+    if info.frames <= 0:
+        raise DemixError(f"{path}: audio file is empty")
+    return AudioInfo(samplerate=int(info.samplerate), channels=int(info.channels), frames=int(info.frames))
+
+
+def read_audio(path: tp.Union[str, Path], offset: int = 0, frames: int = -1) -> np.ndarray:
+    """Read `frames` samples (all if -1) from `offset` as a float32 array of shape (channels, time).
+
+    Reading past the end returns fewer frames. Raises :class:`DemixError` naming the file when
+    it cannot be decoded or holds NaN/Inf samples.
+    """
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            if offset:
+                handle.seek(offset)
+            data = handle.read(frames, dtype="float32", always_2d=True)
+    except Exception as error:
+        raise DemixError(f"{path}: cannot read audio ({_short(error)})") from None
+    data = data.T
+    if not np.isfinite(data).all():
+        raise DemixError(f"{path}: audio contains NaN or infinite samples")
+    return np.ascontiguousarray(data)
+
+
+WAV_SUBTYPES = {"int16": "PCM_16", "int24": "PCM_24", "float32": "FLOAT"}
+
+
+def write_audio(path: tp.Union[str, Path], wav: tp.Union[np.ndarray, torch.Tensor], samplerate: int,
+                subtype: str = "float32") -> None:
+    """Write a (channels, time) signal atomically. The format follows the file extension
+    (wav, flac, ogg, mp3); `subtype` is one of int16, int24, float32 for WAV."""
+    if isinstance(wav, torch.Tensor):
+        wav = wav.detach().cpu().numpy()
+    path = Path(path)
+    ext = path.suffix.lower().lstrip(".")
+    kwargs: tp.Dict[str, tp.Any] = {}
+    if ext == "wav":
+        if subtype not in WAV_SUBTYPES:
+            raise DemixError(f"unknown WAV sample format {subtype!r}: expected one of {sorted(WAV_SUBTYPES)}")
+        kwargs["subtype"] = WAV_SUBTYPES[subtype]
+    elif ext == "flac":
+        kwargs["subtype"] = "PCM_24" if subtype in ("int24", "float32") else "PCM_16"
+    kwargs["format"] = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG", "mp3": "MP3"}.get(ext)
+    if kwargs["format"] is None:
+        raise DemixError(f"{path}: unsupported output extension .{ext} (expected wav, flac, ogg or mp3)")
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.asarray(wav, dtype=np.float32).T, samplerate, **kwargs)
+
+
+def convert_audio(wav: torch.Tensor, from_samplerate: int, to_samplerate: int, channels: int) -> torch.Tensor:
+    """Convert a (..., channels, time) signal to `channels` channels and `to_samplerate` Hz.
+
+    Mono is duplicated to stereo; more channels than wanted are averaged down to mono first.
+    """
+    wav = convert_channels(wav, channels)
+    if from_samplerate != to_samplerate:
+        wav = julius.resample_frac(wav, from_samplerate, to_samplerate)
+    return wav
+
+
+def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
+    """Change the channel count of a (..., channels, time) signal."""
+    current = wav.shape[-2]
+    if current == channels:
+        return wav
+    if channels == 1:
+        return wav.mean(dim=-2, keepdim=True)
+    if current == 1:
+        return wav.expand(*wav.shape[:-2], channels, wav.shape[-1])
+    if current > channels:
+        return wav[..., :channels, :]
+    raise DemixError(f"cannot convert {current}-channel audio to {channels} channels")
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,58 @@
+"""Atomic file writing and safe loading of torch files."""
+import contextlib
+import os
+import tempfile
+import typing as tp
+from pathlib import Path
+
+import torch
+
+from .errors import DemixError
+
+
+@contextlib.contextmanager
+def atomic_path(path: tp.Union[str, Path]) -> tp.Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    Readers never see a half-written file, and a crash leaves the previous file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes private files; use the usual mode
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_torch(obj: tp.Any, path: tp.Union[str, Path]) -> None:
+    """Write `obj` with `torch.save` atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: tp.Union[str, Path], map_location: tp.Any = "cpu") -> tp.Any:
+    """Load a torch file with `weights_only=True`: tensors and plain containers only.
+
+    Raises :class:`DemixError` naming the file when it is missing, truncated or holds anything
+    that would need unpickling arbitrary objects (nothing in the file is executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DemixError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DemixError(f"{path}: not a valid demixlab torch file ({first_line})") from None

@@ -1,0 +1,38 @@
+"""demixlab: a Hydra/Dora experiment platform for music source separation."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "demixlab" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="demixlab",
+    version=VERSION,
+    description="Train, compare and ship music source separation models (UMX, X-UMX, sliCQ-CDAE, Hybrid Demucs)",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["demixlab", "demixlab.*"]),
+    install_requires=[
+        "torch",  # install the build you want first (README): an unpinned torch pulls CUDA wheels
+        "hydra-core>=1.3",
+        "omegaconf",
+        "dora-search>=0.1.13",
+        "submitit",
+        "numpy",
+        "soundfile",
+        "julius",
+        "tqdm",
+        "tensorboard",
+        "musdb",
+        "museval",
+    ],
+    extras_require={
+        # The reference implementations used as test oracles are NOT listed here: their own
+        # requirements (torchaudio, another torch) cannot be installed next to this torch build.
+        # They install with --no-deps from tests/requirements-reference.txt (see README).
+        "test": ["pytest", "scipy"],
+    },
+)
