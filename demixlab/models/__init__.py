@@ -1,0 +1,3 @@
+"""Model families. Importing this package registers every built-in family."""
+from .registry import Family, family_names, get_family, register_family  # noqa: F401
+from . import umx  # noqa: F401

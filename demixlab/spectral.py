@@ -1,0 +1,164 @@
+"""Spectral tools shared by every model family: STFT/ISTFT, magnitudes and Wiener filtering.
+
+Conventions: waveforms are real tensors (..., C, T); spectrograms are (..., C, F, N) with
+F = n_fft // 2 + 1 frequency bins and N frames (complex for STFTs, real for magnitudes).
+The STFT uses a Hann window, `center=True` and reflect padding, like Open-Unmix's `Separator`.
+"""
+import math
+import typing as tp
+
+import torch
+from torch import nn
+
+from .errors import DemixError
+
+
+def bandwidth_to_max_bin(rate: float, n_fft: int, bandwidth: float) -> int:
+    """Number of STFT bins whose centre frequency is at most `bandwidth` Hz.
+
+    16 kHz at 44.1 kHz with `n_fft=4096` gives 1487. The result is capped at `n_fft // 2 + 1`.
+    """
+    if bandwidth < 0:
+        raise ValueError(f"bandwidth must be non-negative, got {bandwidth}")
+    # bin k is at k * rate / n_fft Hz; kept when k * rate <= bandwidth * n_fft.
+    last = math.floor(bandwidth * n_fft / rate)
+    return min(last, n_fft // 2) + 1
+
+
+def magnitude(spec: torch.Tensor) -> torch.Tensor:
+    """Magnitude of a complex spectrogram."""
+    return spec.abs()
+
+
+class STFT(nn.Module):
+    """Short-time Fourier transform of (..., T) waveforms into (..., F, N) complex spectrograms.
+
+    `inverse` undoes it, cropping or padding to an exact length. The Hann window is a
+    non-persistent buffer: it follows `.to(device)` but is not part of the state dict.
+    """
+
+    def __init__(self, n_fft: int = 4096, hop_length: int = 1024):
+        super().__init__()
+        if n_fft < 2 or not 0 < hop_length <= n_fft:
+            raise ValueError(f"invalid STFT settings: n_fft={n_fft}, hop_length={hop_length}")
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+    @property
+    def nb_bins(self) -> int:
+        """Number of frequency bins F."""
+        return self.n_fft // 2 + 1
+
+    def nb_frames(self, length: int) -> int:
+        """Number of frames N for a waveform of `length` samples."""
+        return length // self.hop_length + 1
+
+    def _window_like(self, x: torch.Tensor) -> torch.Tensor:
+        # Callers may hand CPU batches to a GPU model (or float64 signals): follow the input.
+        return self.window.to(device=x.device, dtype=x.real.dtype)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """(..., T) real waveform -> (..., F, N) complex spectrogram."""
+        *others, length = wav.shape
+        if length <= self.n_fft // 2:
+            raise DemixError(f"audio too short for the STFT: {length} samples, "
+                             f"need more than {self.n_fft // 2} (n_fft={self.n_fft})")
+        spec = torch.stft(wav.reshape(-1, length), n_fft=self.n_fft, hop_length=self.hop_length,
+                          window=self._window_like(wav), center=True, pad_mode="reflect",
+                          normalized=False, onesided=True, return_complex=True)
+        return spec.reshape(*others, *spec.shape[-2:])
+
+    def inverse(self, spec: torch.Tensor, length: int) -> torch.Tensor:
+        """(..., F, N) complex spectrogram -> (..., length) real waveform."""
+        *others, bins, frames = spec.shape
+        wav = torch.istft(spec.reshape(-1, bins, frames), n_fft=self.n_fft, hop_length=self.hop_length,
+                          window=self._window_like(spec), center=True, normalized=False, onesided=True,
+                          length=length)
+        return wav.reshape(*others, length)
+
+
+def wiener(targets: torch.Tensor, mix: torch.Tensor, iterations: int = 1, *, softmask: bool = False,
+           residual: bool = False, window: tp.Optional[int] = 300, scale_factor: float = 10.0,
+           eps: float = 1e-10) -> torch.Tensor:
+    """Multichannel Wiener filtering with EM refinement (as in norbert / Open-Unmix).
+
+    Args:
+        targets: non-negative source estimates (B, S, C', F, N), C' = C or 1 (shared by
+            channels): magnitudes, or any non-negative weights with `softmask=True`.
+        mix: complex mixture STFT (B, C, F, N).
+        iterations: EM iterations; 0 returns the initial estimates.
+        softmask: initial estimates are the mixture times the ratio masks `targets / sum(targets)`;
+            otherwise the target magnitudes with the mixture phase.
+        residual: append one source, the mixture minus the initial estimates (before EM).
+        window: frames per independent filtering window (bounds memory); None: all frames.
+            The EM spatial model is fitted per window, so with `iterations > 0` the result
+            depends on it (0 iterations are frame-local and do not).
+        scale_factor, eps: numerical constants of the reference implementation.
+
+    Returns:
+        complex source STFTs (B, S + residual, C, F, N), in the dtype of `mix`.
+    """
+    frames = mix.shape[-1]
+    step = window if window else frames
+    outputs = [_wiener_window(targets[..., start:start + step], mix[..., start:start + step], iterations,
+                              softmask, residual, scale_factor, eps)
+               for start in range(0, frames, step)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+def _wiener_window(targets: torch.Tensor, mix: torch.Tensor, iterations: int, softmask: bool, residual: bool,
+                   scale_factor: float, eps: float) -> torch.Tensor:
+    mix = mix.unsqueeze(1)  # (B, 1, C, F, N), broadcasts against sources
+    targets = targets.to(mix.real.dtype)
+    if softmask:
+        sources = mix * (targets / (eps + targets.sum(dim=1, keepdim=True)))
+    else:
+        magnitudes, phases = torch.broadcast_tensors(targets, mix.angle())
+        sources = torch.polar(magnitudes, phases)
+    if residual:
+        sources = torch.cat([sources, mix - sources.sum(dim=1, keepdim=True)], dim=1)
+    if iterations == 0:
+        return sources
+    # EM is run on a rescaled problem (peak magnitude at most `scale_factor`, per example):
+    # `eps` regularises the mixture covariance, so it only makes sense at a known scale.
+    peak = mix.abs().amax(dim=(2, 3, 4), keepdim=True)
+    scale = torch.clamp(peak / scale_factor, min=1.0)
+    # EM works with channels last: (B, S, F, N, C) and (B, F, N, C).
+    sources = (sources / scale).permute(0, 1, 3, 4, 2)
+    mix = (mix / scale)[:, 0].permute(0, 2, 3, 1)
+    for _ in range(iterations):
+        sources = _em_step(sources, mix, eps)
+    return sources.permute(0, 1, 4, 2, 3) * scale
+
+
+def _em_step(sources: torch.Tensor, mix: torch.Tensor, eps: float) -> torch.Tensor:
+    """One EM update: fit a local Gaussian model (PSD `v` and spatial covariance `R` per source
+    and bin) to the current estimates, then filter the mixture with it.
+
+    sources: (B, S, F, N, C) complex, mix: (B, F, N, C) complex; returns the new sources.
+    """
+    channels = mix.shape[-1]
+    psd = (sources.real ** 2 + sources.imag ** 2).mean(dim=-1)  # (B, S, F, N)
+    # Weighted empirical covariance over the frames of the window: (B, S, F, C, C).
+    weight = eps + psd.sum(dim=-1)
+    spatial = torch.einsum("bsfnc,bsfnd->bsfcd", sources, sources.conj()) / weight[..., None, None]
+    identity = torch.eye(channels, dtype=mix.dtype, device=mix.device)
+    mix_cov = torch.einsum("bsfn,bsfcd->bfncd", psd.to(mix.dtype), spatial) + math.sqrt(eps) * identity
+    # Wiener filter of source j: v_j R_j Cxx^-1, applied to the mixture.
+    whitened = (_invert(mix_cov) * mix.unsqueeze(-2)).sum(dim=-1)  # (B, F, N, C)
+    return psd.unsqueeze(-1) * torch.einsum("bsfcd,bfnd->bsfnc", spatial, whitened)
+
+
+def _invert(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of (..., C, C) matrices; closed form for C <= 2, which is the common case."""
+    channels = matrix.shape[-1]
+    if channels == 1:
+        return 1 / matrix
+    if channels == 2:
+        a, b = matrix[..., 0, 0], matrix[..., 0, 1]
+        c, d = matrix[..., 1, 0], matrix[..., 1, 1]
+        inv_det = 1 / (a * d - b * c)
+        return torch.stack([torch.stack([d, -b], dim=-1), torch.stack([-c, a], dim=-1)], dim=-2) \
+            * inv_det[..., None, None]
+    return torch.linalg.inv(matrix)

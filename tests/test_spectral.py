@@ -1,0 +1,157 @@
+"""STFT and Wiener filtering, checked against Open-Unmix's implementations."""
+import pytest
+import torch
+
+from demixlab.errors import DemixError
+from demixlab.spectral import STFT, bandwidth_to_max_bin, magnitude, wiener
+from tests.references import import_reference
+
+openunmix = import_reference("openunmix")
+from openunmix.filtering import wiener as reference_wiener  # noqa: E402
+from openunmix.transforms import TorchISTFT, TorchSTFT  # noqa: E402
+from openunmix.utils import bandwidth_to_max_bin as reference_max_bin  # noqa: E402
+
+
+def _reference_wiener(targets: torch.Tensor, mix: torch.Tensor, iterations: int, **kwargs) -> torch.Tensor:
+    """Open-Unmix's wiener, one example at a time, in our layout:
+    targets (B, S, C, F, N), mix (B, C, F, N) complex -> (B, S', C, F, N) complex."""
+    outputs = []
+    for example_targets, example_mix in zip(targets, mix):
+        # Reference layout: targets (N, F, C, S), mix (N, F, C, 2) -> (N, F, C, 2, S).
+        out = reference_wiener(example_targets.permute(3, 2, 1, 0), torch.view_as_real(example_mix).permute(2, 1, 0, 3),
+                               iterations, **kwargs)
+        outputs.append(torch.view_as_complex(out.permute(4, 2, 1, 0, 3).contiguous()))
+    return torch.stack(outputs)
+
+
+def _random_problem(batch=2, sources=3, channels=2, bins=33, frames=40, target_channels=None, dtype=torch.float64,
+                    seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    real = torch.randn(2, batch, channels, bins, frames, generator=generator, dtype=dtype) * 30
+    mix = torch.complex(real[0], real[1])
+    targets = torch.rand(batch, sources, target_channels or channels, bins, frames, generator=generator,
+                         dtype=dtype) * 20
+    return targets, mix
+
+
+def _relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((estimate - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize("rate, n_fft, bandwidth", [(44100, 4096, 16000.0), (44100, 2048, 8000.0), (16000, 512, 8000.0),
+                                                    (22050, 1024, 11025.0), (48000, 4096, 100.0)])
+def test_bandwidth_to_max_bin(rate, n_fft, bandwidth):
+    assert bandwidth_to_max_bin(rate, n_fft, bandwidth) == int(reference_max_bin(rate, n_fft, bandwidth))
+
+
+def test_bandwidth_to_max_bin_umx_default():
+    assert bandwidth_to_max_bin(44100, 4096, 16000) == 1487
+
+
+def test_stft_window_not_in_state_dict():
+    stft = STFT(512, 128)
+    assert len(stft.state_dict()) == 0
+    assert "window" in dict(stft.named_buffers())
+
+
+@pytest.mark.parametrize("length", [3001, 4097, 10000])
+def test_stft_roundtrip_exact_length(length):
+    stft = STFT(512, 128)
+    wav = torch.randn(2, 2, length)
+    spec = stft(wav)
+    assert spec.shape == (2, 2, 257, length // 128 + 1) == (2, 2, stft.nb_bins, stft.nb_frames(length))
+    assert spec.is_complex()
+    out = stft.inverse(spec, length=length)
+    assert out.shape == wav.shape
+    assert torch.allclose(out, wav, atol=1e-5)
+
+
+def test_stft_arbitrary_leading_dims_and_float64():
+    stft = STFT(256, 64)
+    wav = torch.randn(3, 2, 2, 1000, dtype=torch.float64)
+    spec = stft(wav)
+    assert spec.dtype == torch.complex128 and spec.shape == (3, 2, 2, 129, 1000 // 64 + 1)
+    assert torch.allclose(stft.inverse(spec, 1000), wav, atol=1e-10)
+
+
+def test_stft_matches_openunmix():
+    wav = torch.randn(2, 2, 44100)
+    stft = STFT(4096, 1024)
+    ref_stft = TorchSTFT(n_fft=4096, n_hop=1024, center=True)
+    ref_istft = TorchISTFT(n_fft=4096, n_hop=1024, center=True)
+    spec = stft(wav)
+    reference = torch.view_as_complex(ref_stft(wav))
+    assert spec.shape == reference.shape
+    assert torch.allclose(spec, reference, atol=1e-5, rtol=0)
+    assert torch.allclose(magnitude(spec), reference.abs(), atol=1e-5, rtol=0)
+    assert torch.allclose(stft.inverse(spec, 44100), ref_istft(torch.view_as_real(reference), length=44100),
+                          atol=1e-6)
+
+
+def test_stft_too_short():
+    with pytest.raises(DemixError, match="too short"):
+        STFT(512, 128)(torch.randn(2, 256))
+
+
+# Open-Unmix's phase uses a float32 pi even in float64, hence ~1e-7 differences without softmask.
+TOLERANCES = {torch.float64: 1e-6, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("iterations", [0, 1, 2])
+@pytest.mark.parametrize("softmask", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_wiener_matches_openunmix(dtype, iterations, softmask, residual):
+    targets, mix = _random_problem(dtype=dtype)
+    out = wiener(targets, mix, iterations, softmask=softmask, residual=residual, window=None)
+    reference = _reference_wiener(targets, mix, iterations, softmask=softmask, residual=residual)
+    assert out.shape == reference.shape == (2, 3 + residual, 2, 33, 40)
+    assert out.dtype == mix.dtype
+    assert _relative_error(out, reference) < TOLERANCES[dtype]
+
+
+@pytest.mark.parametrize("channels, target_channels", [(1, 1), (2, 1), (2, 2)])
+def test_wiener_mono_and_shared_targets(channels, target_channels):
+    targets, mix = _random_problem(channels=channels, target_channels=target_channels)
+    out = wiener(targets, mix, 1, window=None)
+    reference = _reference_wiener(targets, mix, 1)
+    assert out.shape == (2, 3, channels, 33, 40)
+    assert _relative_error(out, reference) < 1e-6
+
+
+def test_wiener_large_mixture_scaling():
+    # A loud mixture exercises the rescaling before EM (done per example).
+    targets, mix = _random_problem()
+    mix[1] *= 1e3
+    targets[1] *= 1e3
+    out = wiener(targets, mix, 2, window=None)
+    assert _relative_error(out[1], _reference_wiener(targets, mix, 2)[1]) < 1e-6
+    assert _relative_error(out[0], _reference_wiener(targets, mix, 2)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("softmask", [False, True])
+def test_wiener_window_without_em_is_exact(softmask):
+    targets, mix = _random_problem(frames=50)
+    whole = wiener(targets, mix, 0, softmask=softmask, residual=True, window=None)
+    for window in (7, 50, 300):
+        chunked = wiener(targets, mix, 0, softmask=softmask, residual=True, window=window)
+        assert torch.allclose(chunked, whole, rtol=0, atol=1e-12)
+
+
+def test_wiener_window_fits_em_per_window():
+    targets, mix = _random_problem(frames=50)
+    chunked = wiener(targets, mix, 1, window=20)
+    parts = [wiener(targets[..., start:start + 20], mix[..., start:start + 20], 1, window=None)
+             for start in (0, 20, 40)]
+    assert torch.allclose(chunked, torch.cat(parts, dim=-1), rtol=0, atol=1e-12)
+    assert torch.allclose(wiener(targets, mix, 1, window=50), wiener(targets, mix, 1, window=None), rtol=0, atol=0)
+    # And it is what Open-Unmix's Separator does with `wiener_win_len`.
+    reference = torch.cat([_reference_wiener(targets[..., s:s + 20], mix[..., s:s + 20], 1) for s in (0, 20, 40)], -1)
+    assert _relative_error(chunked, reference) < 1e-6
+
+
+def test_wiener_is_differentiable():
+    targets, mix = _random_problem(batch=1, sources=2, bins=3, frames=4)
+    targets = (targets + 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: wiener(t, mix, 1, residual=True), (targets,))
+    assert torch.autograd.gradcheck(lambda t: wiener(t, mix, 2, softmask=True), (targets,))
