@@ -1,0 +1,59 @@
+"""Training entry point. `dora run [key=value ...]` runs `main` inside a Dora XP.
+
+Also runnable as `python -m demixlab.train [key=value ...]`.
+"""
+import logging
+from pathlib import Path
+
+import torch
+from dora import distrib as dora_distrib
+from dora import get_xp, to_absolute_path
+from omegaconf import DictConfig
+
+from . import distrib
+from .allocator import keep_freed_memory
+from .errors import DemixError, exit_on_user_error
+from .experiment import hydra_main
+from .solver import Solver
+
+logger = logging.getLogger("demixlab.train")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available; each process of a multi-GPU run takes its own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise DemixError(f"misc.device={name!r}: choose one of auto, cpu, cuda")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DemixError("misc.device=cuda but no CUDA device is available")
+        return torch.device("cuda", dora_distrib.get_distrib_spec().local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@exit_on_user_error
+def run(cfg: DictConfig) -> None:
+    """Train (or resume) the current XP and report its test scores."""
+    xp = get_xp()
+    if cfg.misc.verbose:
+        logging.getLogger("demixlab").setLevel(logging.DEBUG)
+    keep_freed_memory()
+    device = resolve_device(cfg.misc.device)
+    distrib.init(device)
+    logger.info("XP %s in %s, device %s", xp.sig, xp.folder, device)
+    solver = Solver(cfg, folder=xp.folder, base_dir=Path(to_absolute_path(".")), device=device)
+    try:
+        solver.train()
+    finally:
+        solver.close()
+
+
+@hydra_main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra/Dora main (see `run`)."""
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Training augmentations: shapes, statistics, reproducibility and config errors."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from demixlab.augment import FlipChannels, FlipSign, Remix, Scale, Shift, build_augmentation
+from demixlab.errors import DemixError
+
+
+def batch(b=8, s=4, c=2, t=64):
+    return torch.randn(b, s, c, t, generator=torch.Generator().manual_seed(0))
+
+
+def test_shift_crops_extra_frames_to_a_window_of_the_input():
+    sources = batch(t=100)
+    out = Shift(20)(sources, torch.Generator().manual_seed(0))
+    assert out.shape == (8, 4, 2, 80)
+    offsets = set()
+    for b in range(8):
+        for s in range(4):
+            windows = [k for k in range(21) if torch.equal(out[b, s], sources[b, s, :, k:k + 80])]
+            assert len(windows) == 1
+            offsets.add(windows[0])
+    assert len(offsets) > 1  # offsets are drawn per example and source
+
+
+def test_flips_and_scale_act_per_example_and_source():
+    sources = batch()
+    generator = torch.Generator().manual_seed(3)
+    swapped = FlipChannels()(sources, generator)
+    same = (swapped == sources).flatten(2).all(-1)
+    flipped = (swapped == sources.flip(2)).flatten(2).all(-1)
+    assert torch.all(same | flipped) and same.any() and flipped.any()
+    signs = FlipSign()(sources, generator) / sources
+    assert set(signs.round().unique().tolist()) == {-1.0, 1.0}
+    gains = (Scale(0.25, 1.25)(sources, generator) / sources).flatten(2)
+    assert torch.allclose(gains, gains[..., :1].expand_as(gains), rtol=1e-5)
+    assert gains.min() >= 0.25 - 1e-6 and gains.max() <= 1.25 + 1e-6
+
+
+def test_remix_draws_each_source_from_a_permuted_batch():
+    sources = batch()
+    out = Remix()(sources, torch.Generator().manual_seed(5))
+    for s in range(4):
+        origins = [next(b for b in range(8) if torch.equal(out[i, s], sources[b, s])) for i in range(8)]
+        assert sorted(origins) == list(range(8))  # a permutation: every stem used once
+    assert not torch.equal(out, sources)
+
+
+def test_pipeline_is_reproducible_from_its_generator_and_reports_extra_frames():
+    cfg = OmegaConf.create({"shift": 0.5, "flip_channels": True, "flip_sign": True, "scale": [0.25, 1.25],
+                            "remix": True})
+    augmentation = build_augmentation(cfg, samplerate=100)
+    assert augmentation.extra_frames == 50
+    sources = batch(t=114)
+    first = augmentation(sources, torch.Generator().manual_seed(7))
+    second = augmentation(sources, torch.Generator().manual_seed(7))
+    assert first.shape == (8, 4, 2, 64)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, augmentation(sources, torch.Generator().manual_seed(8)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"scale": [1.5, 0.5]}, "augment.scale"),
+    ({"scale": "loud"}, "augment.scale"),
+    ({"shift": -1}, "augment.shift"),
+    ({"reverb": True}, "reverb"),
+])
+def test_bad_augmentation_options_name_the_key(override, message):
+    cfg = OmegaConf.create({"shift": 0.0, "flip_channels": True, "flip_sign": False, "scale": None, "remix": False,
+                            **override})
+    with pytest.raises(DemixError, match=message):
+        build_augmentation(cfg, samplerate=100)

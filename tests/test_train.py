@@ -1,0 +1,221 @@
+"""`dora run` end to end on tiny toy configurations: training, exact resume, fine-tuning, errors.
+
+Each test runs Dora in a subprocess, as a user would, from a scratch directory (so XPs land in
+its outputs/), with the dataset cache shared across the session.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny but real configuration: UMX with a small bottleneck, a short schedule...
+TINY_SOLVER = [
+    "model.hidden_size=16", "model.nb_layers=1",
+    "epochs=2", "batch_size=2", "segment=1.0", "samples_per_track=2", "test.sdr=false",
+    "misc.num_workers=0",
+]
+# ... on a small toy dataset.
+TINY = [
+    "dset.toy.train_tracks=2", "dset.toy.valid_tracks=1", "dset.toy.test_tracks=1",
+    "dset.toy.train_duration=4.0", "dset.toy.eval_duration=3.0", *TINY_SOLVER,
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return Path(os.environ.get("DEMIXLAB_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+def dora(workdir: Path, cache_dir: Path, *args: str, command: str = "run", timeout: float = 300,
+         check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "dora", "-P", "demixlab", command, *args], cwd=workdir,
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dora {command} {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def signature(workdir: Path, cache_dir: Path, *args: str) -> str:
+    code = ("import sys; from demixlab.train import main; "
+            "print(main.get_xp(sys.argv[1:]).sig)")
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
+                         env={**os.environ, "DEMIXLAB_CACHE": str(cache_dir)}, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def load_checkpoint(folder: Path) -> dict:
+    return torch.load(folder / "checkpoint.th", weights_only=True)
+
+
+def test_train_writes_everything_in_the_xp_folder_then_resumes_without_repeating(tmp_path, cache_dir):
+    first = dora(tmp_path, cache_dir, *TINY)
+    sig = signature(tmp_path, cache_dir, *TINY)
+    folder = tmp_path / "outputs" / "xps" / sig
+    history = json.loads((folder / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    assert {"loss", "loss_drums", "grad_norm", "lr"} <= set(history[0]["train"])
+    assert {"loss", "nsdr", "nsdr_vocals"} <= set(history[0]["valid"])
+    assert "test" in history[-1] and "nsdr_bass" in history[-1]["test"]
+    report = json.loads((folder / "test_results.json").read_text())
+    assert report["signature"] == sig and len(report["tracks"]) == 1
+    assert any((folder / "tensorboard").iterdir())
+    checkpoint = load_checkpoint(folder)
+    assert checkpoint["done"] and checkpoint["family"] == "umx" and len(checkpoint["history"]) == 2
+    assert "Test set scores" in first.stderr + first.stdout
+
+    again = dora(tmp_path, cache_dir, *TINY)
+    output = again.stderr + again.stdout
+    assert "resuming from" in output and "after epoch 2" in output
+    assert "Train | Epoch" not in output  # nothing retrained
+    assert json.loads((folder / "history.json").read_text()) == history
+    assert "Test set scores" in output  # the scores are reported again
+
+
+def test_sigkill_mid_epoch_resumes_to_the_same_history_as_an_uninterrupted_run(tmp_path, cache_dir):
+    args = [arg for arg in TINY if not arg.startswith(("epochs=", "samples_per_track="))]
+    args += ["epochs=3", "samples_per_track=6"]
+    reference_dir = tmp_path / "reference"
+    interrupted_dir = tmp_path / "interrupted"
+    reference_dir.mkdir()
+    interrupted_dir.mkdir()
+    dora(reference_dir, cache_dir, *args)
+    sig = signature(reference_dir, cache_dir, *args)
+
+    history_file = interrupted_dir / "outputs" / "xps" / sig / "history.json"
+    env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir)}
+    process = subprocess.Popen([sys.executable, "-m", "dora", "-P", "demixlab", "run", *args], cwd=interrupted_dir,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if history_file.exists() and len(json.loads(history_file.read_text() or "[]")) >= 1:
+            break
+        assert process.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    folder = history_file.parent
+    assert len(load_checkpoint(folder)["history"]) == 1  # killed during epoch 2, checkpoint still loadable
+
+    dora(interrupted_dir, cache_dir, *args)
+    resumed = json.loads(history_file.read_text())
+    reference = json.loads((reference_dir / "outputs" / "xps" / sig / "history.json").read_text())
+    assert [entry["epoch"] for entry in resumed] == [1, 2, 3]
+    for got, expected in zip(resumed, reference):
+        for section in ("train", "valid"):
+            for key, value in expected[section].items():
+                if key != "duration":
+                    assert got[section][key] == value, (got["epoch"], section, key)
+    state = load_checkpoint(folder)["model"]
+    reference_state = load_checkpoint(reference_dir / "outputs" / "xps" / sig)["model"]
+    for key, value in reference_state.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_continue_from_starts_from_the_parent_best_weights(tmp_path, cache_dir):
+    dora(tmp_path, cache_dir, *TINY)
+    parent = signature(tmp_path, cache_dir, *TINY)
+    parent_state = load_checkpoint(tmp_path / "outputs" / "xps" / parent)["best_state"]
+    # A learning rate so small that one epoch cannot move the weights measurably.
+    child_args = [*TINY, f"continue_from={parent}", "variant=finetune", "epochs=1", "optim.lr=1e-12"]
+    result = dora(tmp_path, cache_dir, *child_args)
+    assert f"initialised from the best state of XP {parent}" in result.stderr + result.stdout
+    child = load_checkpoint(tmp_path / "outputs" / "xps" / signature(tmp_path, cache_dir, *child_args))
+    assert child["parent"] == parent
+    for key, value in parent_state.items():
+        if "running" not in key and "num_batches" not in key:  # BatchNorm statistics move at any lr
+            torch.testing.assert_close(child["model"][key], value, rtol=0, atol=1e-6)
+
+    unknown = dora(tmp_path, cache_dir, *TINY, "continue_from=0123abcd", check=False)
+    assert unknown.returncode == 2
+    assert "continue_from=0123abcd: no experiment with that signature" in unknown.stderr
+    as_number = dora(tmp_path, cache_dir, *TINY, "continue_from=1234e567", check=False)
+    assert as_number.returncode == 2 and "quote it" in as_number.stderr
+
+
+def write_track(folder: Path, stems: dict, samplerate: int = 44100) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, audio in stems.items():
+        sf.write(folder / f"{name}.wav", audio.T, samplerate, subtype="FLOAT")
+
+
+def stem(seconds: float = 2.0, samplerate: int = 44100) -> np.ndarray:
+    return (0.1 * np.random.default_rng(0).standard_normal((2, int(seconds * samplerate)))).astype(np.float32)
+
+
+def make_dataset(root: Path, broken: str) -> str:
+    """A two-source folder dataset, broken in one way; returns the file or key the error must name."""
+    for split in ("train", "valid", "test"):
+        write_track(root / split / "song", {"a": stem(), "b": stem()})
+    target = root / "train" / "song"
+    if broken == "missing stem":
+        (target / "b.wav").unlink()
+        return "b"
+    if broken == "length":
+        write_track(target, {"b": stem(1.5)})
+        return "b.wav"
+    if broken == "samplerate":
+        write_track(target, {"b": stem(samplerate=22050)}, samplerate=22050)
+        return "b.wav"
+    if broken == "corrupt":
+        (target / "b.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+        return "b.wav"
+    if broken == "nan":
+        audio = stem()
+        audio[0, 100] = np.nan
+        write_track(target, {"b": audio})
+        return "b.wav"
+    raise ValueError(broken)
+
+
+@pytest.mark.parametrize("broken", ["missing stem", "length", "samplerate", "corrupt", "nan"])
+def test_bad_data_is_a_one_line_error_naming_the_file(tmp_path, cache_dir, broken):
+    root = tmp_path / "stems"
+    expected = make_dataset(root, broken)
+    result = dora(tmp_path, cache_dir, "dset=folder", f"dset.root={root}", "dset.sources=[a,b]", *TINY_SOLVER,
+                  check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("demixlab: error:")]
+    assert len(errors) == 1, result.stderr
+    assert str(root / "train" / "song") in errors[0] and expected in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=foo"], "unknown model 'foo' in 'model=foo': choose one of umx"),
+    (["dset=musdb18hq", "dset.toy.seed=3"], "unknown option dset.toy.seed: it exists with the default dset "
+                                            "but not with dset=musdb18hq"),
+    (["dset=folder", "dset.root=does/not/exist", "dset.sources=[a,b]"], "dset.root"),
+    (["dset=musdb18hq"], "dset.root"),
+    (["model.hiden_size=8"], "unknown option model.hiden_size: no such key in the configuration "
+                             "(did you mean model.hidden_size?)"),
+    (["epochs=0"], "epochs must be a positive integer"),
+])
+def test_bad_options_are_one_line_errors_naming_the_key(tmp_path, cache_dir, args, message):
+    result = dora(tmp_path, cache_dir, *TINY_SOLVER, *args, check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("demixlab: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_two_cpu_processes_train_even_when_a_rank_has_no_validation_track(tmp_path, cache_dir):
+    # One validation and one test track for two processes: rank 1 has nothing to evaluate and
+    # must still take part in every collective (a mismatch used to abort gloo).
+    result = dora(tmp_path, cache_dir, "-d", "--ddp_workers", "2", *TINY)
+    assert "All workers completed successfully" in result.stdout + result.stderr
+    sig = signature(tmp_path, cache_dir, *TINY)
+    history = json.loads((tmp_path / "outputs" / "xps" / sig / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    assert "nsdr_drums" in history[-1]["valid"] and "nsdr_drums" in history[-1]["test"]
