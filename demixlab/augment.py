@@ -70,18 +70,26 @@ class Scale:
 
 
 class Remix:
-    """Draw each source from a random example of the batch, creating new mixtures.
+    """Draw each source from a random example of its group, creating new mixtures.
 
-    Each source gets its own permutation of the batch, so stems from different tracks meet
-    (open-unmix's random track mixing; demucs' remix).
+    The batch is cut into consecutive groups of `group_size` examples (0: one group; a last,
+    smaller group is remixed within itself); each source gets its own permutation of every
+    group, so stems from different tracks meet (open-unmix's random track mixing, demucs'
+    remix). Groups keep the statistics the same whatever the number of processes.
     """
+
+    def __init__(self, group_size: int = 0):
+        self.group_size = group_size
 
     def __call__(self, sources: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch, num_sources = sources.shape[:2]
-        if batch < 2:
-            return sources
-        permutations = torch.stack([torch.randperm(batch, generator=generator) for _ in range(num_sources)], 1)
-        return sources[permutations, torch.arange(num_sources).view(1, -1)]
+        size = self.group_size or batch
+        index = torch.empty(batch, num_sources, dtype=torch.long)
+        for start in range(0, batch, size):
+            count = min(size, batch - start)
+            for source in range(num_sources):
+                index[start:start + count, source] = start + torch.randperm(count, generator=generator)
+        return sources[index, torch.arange(num_sources).view(1, -1)]
 
 
 class Augmentation:
@@ -127,6 +135,9 @@ def build_augmentation(augment: DictConfig, samplerate: int) -> Augmentation:
         if not 0 <= low <= high:
             raise DemixError(f"augment.scale must satisfy 0 <= low <= high, got {[low, high]}")
         transforms.append(Scale(low, high))
-    if augment.remix:
-        transforms.append(Remix())
+    remix = augment.remix
+    if isinstance(remix, bool) or not isinstance(remix, int) or remix < 0:
+        raise DemixError(f"augment.remix must be a group size in examples (0 disables), got {remix!r}")
+    if remix:
+        transforms.append(Remix(remix))
     return Augmentation(transforms, extra_frames)

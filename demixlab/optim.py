@@ -15,21 +15,34 @@ SCHEDULERS = ("none", "plateau", "cosine")
 def build_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.Optimizer:
     """Adam or AdamW over the model's trainable parameters.
 
-    A model may define `optimizer_groups(lr, weight_decay) -> list of param-group dicts` to give
-    some parameters their own settings (e.g. a transformer's learning rate); otherwise all
-    parameters form one group.
+    A model may define `parameter_groups()` returning {name: parameters} or {name: {"params":
+    parameters, "lr": ..., "weight_decay": ...}} (the model's own defaults for that group, e.g. a
+    transformer's). `optim.groups.NAME.lr` / `.weight_decay` override them; all other parameters
+    form the `default` group with `optim.lr` and `optim.weight_decay`.
     """
     if optim.optimizer not in OPTIMIZERS:
         raise DemixError(f"optim.optimizer={optim.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if not optim.lr > 0:
         raise DemixError(f"optim.lr must be > 0, got {optim.lr}")
-    groups_fn = getattr(model, "optimizer_groups", None)
-    if groups_fn is not None:
-        groups = groups_fn(lr=float(optim.lr), weight_decay=float(optim.weight_decay))
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = OPTIMIZERS[optim.optimizer](groups, lr=float(optim.lr), betas=tuple(optim.betas),
-                                            weight_decay=float(optim.weight_decay))
+    named = model.parameter_groups() if hasattr(model, "parameter_groups") else {}
+    settings = dict(optim.get("groups") or {})
+    for name, values in settings.items():
+        if name not in named:
+            raise DemixError(f"optim.groups.{name}: this model has no parameter group {name!r} "
+                             f"(groups: {', '.join(named) or 'none'})")
+        unknown = set(values or {}) - {"lr", "weight_decay"}
+        if unknown:
+            raise DemixError(f"optim.groups.{name}.{sorted(unknown)[0]}: only lr and weight_decay can be set per group")
+    named = {name: dict(value) if isinstance(value, dict) else {"params": value} for name, value in named.items()}
+    grouped = {id(param) for group in named.values() for param in group["params"]}
+    groups = [{"name": "default", "params": [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]}]
+    for name, group in named.items():
+        group = {key: value for key, value in group.items() if value is not None}
+        group.update({key: float(value) for key, value in (settings.get(name) or {}).items()})
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+        groups.append({"name": name, **group})
+    optimizer = OPTIMIZERS[optim.optimizer]([group for group in groups if group["params"]], lr=float(optim.lr),
+                                            betas=tuple(optim.betas), weight_decay=float(optim.weight_decay))
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     return optimizer

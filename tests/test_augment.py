@@ -38,18 +38,21 @@ def test_flips_and_scale_act_per_example_and_source():
     assert gains.min() >= 0.25 - 1e-6 and gains.max() <= 1.25 + 1e-6
 
 
-def test_remix_draws_each_source_from_a_permuted_batch():
+@pytest.mark.parametrize("group_size, groups", [(0, [range(8)]), (4, [range(4), range(4, 8)]),
+                                                (3, [range(3), range(3, 6), range(6, 8)])])
+def test_remix_permutes_each_source_within_its_group(group_size, groups):
     sources = batch()
-    out = Remix()(sources, torch.Generator().manual_seed(5))
+    out = Remix(group_size)(sources, torch.Generator().manual_seed(5))
     for s in range(4):
         origins = [next(b for b in range(8) if torch.equal(out[i, s], sources[b, s])) for i in range(8)]
-        assert sorted(origins) == list(range(8))  # a permutation: every stem used once
+        for group in groups:  # a permutation inside each group: every stem used once
+            assert sorted(origins[i] for i in group) == list(group)
     assert not torch.equal(out, sources)
 
 
 def test_pipeline_is_reproducible_from_its_generator_and_reports_extra_frames():
     cfg = OmegaConf.create({"shift": 0.5, "flip_channels": True, "flip_sign": True, "scale": [0.25, 1.25],
-                            "remix": True})
+                            "remix": 4})
     augmentation = build_augmentation(cfg, samplerate=100)
     assert augmentation.extra_frames == 50
     sources = batch(t=114)
@@ -65,9 +68,11 @@ def test_pipeline_is_reproducible_from_its_generator_and_reports_extra_frames():
     ({"scale": "loud"}, "augment.scale"),
     ({"shift": -1}, "augment.shift"),
     ({"reverb": True}, "reverb"),
+    ({"remix": True}, "augment.remix must be a group size"),
+    ({"remix": -2}, "augment.remix"),
 ])
 def test_bad_augmentation_options_name_the_key(override, message):
-    cfg = OmegaConf.create({"shift": 0.0, "flip_channels": True, "flip_sign": False, "scale": None, "remix": False,
+    cfg = OmegaConf.create({"shift": 0.0, "flip_channels": True, "flip_sign": False, "scale": None, "remix": 0,
                             **override})
     with pytest.raises(DemixError, match=message):
         build_augmentation(cfg, samplerate=100)

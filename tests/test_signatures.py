@@ -14,22 +14,22 @@ from demixlab.train import main
 
 PINNED = [
     # (overrides, signature, digest of the resolved config)
-    ([], "97d170e1", "06f9f61a"),
-    (["model=umx"], "97d170e1", "06f9f61a"),
-    (["dset=toy", "variant=default"], "97d170e1", "06f9f61a"),
-    (["misc.num_workers=0", "misc.device=cpu"], "97d170e1", "06f9f61a"),
-    (["slurm.gpus=8"], "97d170e1", "06f9f61a"),
-    (["epochs=3"], "bdcea226", "725dda46"),
-    (["model=umx", "epochs=3"], "bdcea226", "725dda46"),
-    (["variant=finetune"], "d854b28e", "a9b6a3a9"),
-    (["variant=example"], "b98d4da8", "deb076e3"),
-    (["dset=musdb18hq", "dset.root=/data/musdb18hq"], "49e62ede", "1f273ae1"),
-    (["dset=folder", "dset.root=stems", "dset.sources=[speech,noise]"], "218ea0bc", "e4785d38"),
-    (["dset=musdb18", "dset.root=/data/musdb18"], "42e5bac8", "5b9cfe04"),
-    (["optim.lr=0.0003", "batch_size=8"], "1a7e9015", "ec70b857"),
-    (["model.hidden_size=1024"], "c2ec44dd", "ce5505d1"),
-    (["ema.decays=[0.999]"], "80c77980", "a5fd69f4"),
-    (["continue_from=0123abcd", "variant=finetune"], "f499883a", "f5096486"),
+    ([], "97d170e1", "c090a1be"),
+    (["model=umx"], "97d170e1", "c090a1be"),
+    (["dset=toy", "variant=default"], "97d170e1", "c090a1be"),
+    (["misc.num_workers=0", "misc.device=cpu"], "97d170e1", "c090a1be"),
+    (["slurm.gpus=8"], "97d170e1", "c090a1be"),
+    (["epochs=3"], "bdcea226", "db9947dd"),
+    (["model=umx", "epochs=3"], "bdcea226", "db9947dd"),
+    (["variant=finetune"], "d854b28e", "fdbefaba"),
+    (["variant=example"], "b98d4da8", "0d271eb5"),
+    (["dset=musdb18hq", "dset.root=/data/musdb18hq"], "49e62ede", "2b029516"),
+    (["dset=folder", "dset.root=stems", "dset.sources=[speech,noise]"], "218ea0bc", "56ff8092"),
+    (["dset=musdb18", "dset.root=/data/musdb18"], "42e5bac8", "3089a479"),
+    (["optim.lr=0.0003", "batch_size=8"], "1a7e9015", "bca24c3c"),
+    (["model.hidden_size=1024"], "c2ec44dd", "3f4b213b"),
+    (["ema.decays=[0.999]"], "80c77980", "c6069989"),
+    (["continue_from=0123abcd", "variant=finetune"], "f499883a", "76791f4c"),
 ]
 
 

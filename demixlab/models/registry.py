@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DemixError
+from ..losses import Objective
 
-# objective(model, mixture, sources) -> dict of scalar tensors; "loss" is the one minimised.
-Objective = tp.Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tp.Dict[str, torch.Tensor]]
 # calibrate(model, batches of (mixture, sources)) -> None, updates the model in place.
 Calibrate = tp.Callable[[torch.nn.Module, tp.Iterable[tp.Tuple[torch.Tensor, torch.Tensor]]], None]
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import DemixError
 from ..spectral import STFT, bandwidth_to_max_bin, wiener
-from .registry import Family, Objective, register_family
+from ..losses import Objective, check_options, parse_source_weights
+from .registry import Family, register_family
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +83,32 @@ class OpenUnmixTarget(nn.Module):
 
     def forward(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
         """Mixture magnitude (B, C, F, N) -> estimated target magnitude (B, C, F, N)."""
-        batch, channels, bins, frames = mix_magnitude.shape
+        return self.decode(self.temporal(self.encode(mix_magnitude)), mix_magnitude)
+
+    # The three stages of `forward`, public so that X-UMX can bridge targets between them.
+    def encode(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
+        """Mixture magnitude (B, C, F, N) -> frame features (B, N, hidden_size) in [-1, 1]:
+        the normalised frames below `max_bin` through fc1, bn1 and tanh."""
+        batch, channels, _, frames = mix_magnitude.shape
         # Frame vectors: (B, N, C, max_bin), flattened to (B * N, C * max_bin) for the dense layers.
         x = mix_magnitude[:, :, :self.max_bin].permute(0, 3, 1, 2)
         x = (x + self.input_mean) * self.input_scale
         x = self.fc1(x.reshape(batch * frames, channels * self.max_bin))
-        x = torch.tanh(self.bn1(x)).reshape(batch, frames, self.hidden_size)
+        return torch.tanh(self.bn1(x)).reshape(batch, frames, self.hidden_size)
 
-        recurrent, _ = self.lstm(x)
-        x = torch.cat([x, recurrent], dim=-1).reshape(batch * frames, 2 * self.hidden_size)
+    def temporal(self, features: torch.Tensor) -> torch.Tensor:
+        """Frame features (B, N, hidden_size) -> (B, N, 2 * hidden_size): the features next to
+        the LSTM's output (the skip connection)."""
+        recurrent, _ = self.lstm(features)
+        return torch.cat([features, recurrent], dim=-1)
+
+    def decode(self, features: torch.Tensor, mix_magnitude: torch.Tensor) -> torch.Tensor:
+        """Features (B, N, 2 * hidden_size) -> target magnitude (B, C, F, N): fc2/bn2/relu and
+        fc3/bn3 give a non-negative mask (after output scaling) that multiplies the mixture."""
+        batch, channels, bins, frames = mix_magnitude.shape
+        x = features.reshape(batch * frames, 2 * self.hidden_size)
         x = F.relu(self.bn2(self.fc2(x)))
         x = self.bn3(self.fc3(x)).reshape(batch, frames, channels, bins)
-
         mask = F.relu(x * self.output_scale + self.output_mean).permute(0, 2, 3, 1)
         # The mask multiplies the mixture, whose gradient is not followed.
         return mask * mix_magnitude.detach()
@@ -178,11 +193,15 @@ class UMX(nn.Module):
         for target in self.targets.values():
             target.set_input_statistics(mean, std)
 
+    def target_magnitudes(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
+        """Mixture magnitude (B, C, F, N) -> the estimates of the networked sources (B, S', C, F, N)."""
+        return torch.stack([target(mix_magnitude) for target in self.targets.values()], dim=1)
+
     def forward(self, mixture: torch.Tensor, for_loss: bool = False) -> torch.Tensor:
         """Separate (B, C, T) -> (B, S, C, T); with `for_loss`, magnitudes (B, S, C, F, N)."""
         mix_stft = self.stft(mixture)
         mix_magnitude = mix_stft.abs()
-        estimates = torch.stack([target(mix_magnitude) for target in self.targets.values()], dim=1)
+        estimates = self.target_magnitudes(mix_magnitude)
         if for_loss:
             if self.residual:
                 rest = (mix_magnitude - estimates.sum(dim=1)).abs()
@@ -203,11 +222,8 @@ def build_umx_objective(model: UMX, **loss_options: tp.Any) -> Objective:
     `source_weights={name: weight}`, missing names weighing 1). Each source's MSE is also
     reported, detached, as `loss_<name>` (including a residual source, which is not trained).
     """
-    unknown = [key for key in loss_options if key not in _LOSS_OPTIONS]
-    if unknown:
-        raise DemixError(f"unknown loss option loss.{unknown[0]} for model family umx "
-                         f"(valid: {', '.join(_LOSS_OPTIONS)})")
-    weights = _source_weights(model, loss_options.get("source_weights"))
+    check_options(loss_options, _LOSS_OPTIONS, "umx")
+    weights = _network_source_weights(model, loss_options.get("source_weights"))
     sources = list(model.sources)
     trained = [sources.index(name) for name in model.network_sources]
     # Our own STFT (same settings): at call time `model` may be wrapped (DDP), so only call it.
@@ -228,21 +244,17 @@ def build_umx_objective(model: UMX, **loss_options: tp.Any) -> Objective:
     return objective
 
 
-def _source_weights(model: UMX, source_weights: tp.Optional[tp.Mapping[str, float]]) -> tp.List[float]:
-    """Weights of the networked sources, in order, validated."""
-    source_weights = dict(source_weights or {})
-    for name, value in source_weights.items():
-        if name not in model.sources:
-            raise DemixError(f"loss.source_weights: unknown source {name!r} (sources: {', '.join(model.sources)})")
-        if name not in model.network_sources:
-            raise DemixError(f"loss.source_weights: {name!r} is the residual source (model.residual), "
-                             "it has no network to weight")
-        if not (math.isfinite(float(value)) and float(value) >= 0):
-            raise DemixError(f"loss.source_weights.{name} must be a non-negative number, got {value}")
-    weights = [float(source_weights.get(name, 1.0)) for name in model.network_sources]
-    if sum(weights) <= 0:
+def _network_source_weights(model: UMX, weights: tp.Optional[tp.Mapping[str, float]]) -> tp.List[float]:
+    """Weights of the networked sources, in order (a residual source has no network to weight)."""
+    residual = [name for name in (weights or {}) if name in model.sources and name not in model.network_sources]
+    if residual:
+        raise DemixError(f"loss.source_weights: {residual[0]!r} is the residual source (model.residual), "
+                         "it has no network to weight")
+    all_weights = parse_source_weights(model.sources, weights)
+    networked = [all_weights[model.sources.index(name)] for name in model.network_sources]
+    if sum(networked) <= 0:
         raise DemixError("loss.source_weights: at least one source must have a positive weight")
-    return weights
+    return networked
 
 
 def calibrate_umx(model: UMX, batches: tp.Iterable[tp.Tuple[torch.Tensor, torch.Tensor]]) -> None:
