@@ -5,6 +5,7 @@ only tells each process its rank and the world size. Everything else lives here:
 group (NCCL on CUDA, gloo on CPU), DDP wrapping, distributed sampling and metric averaging.
 With one process every helper is a no-op, so the solver reads the same either way.
 """
+import hashlib
 import logging
 import typing as tp
 
@@ -78,6 +79,31 @@ def average_metrics(metrics: tp.Dict[str, float], count: float = 1.0) -> tp.Dict
             totals[key] = totals.get(key, 0.0) + value * weight
             weights[key] = weights.get(key, 0.0) + weight
     return {key: totals[key] / weights[key] for key in sorted(totals) if weights[key] > 0}
+
+
+def broadcast_tensors(tensors: tp.Iterable[torch.Tensor]) -> None:
+    """Copy rank 0's values of these tensors to every process, in place."""
+    if world_size() <= 1:
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)
+
+
+def replicas_identical(model: torch.nn.Module) -> bool:
+    """True if every process holds exactly the same parameters and buffers (compared by hash).
+
+    DDP keeps replicas in sync by construction; this catches what breaks it (a rank that
+    skipped a step, non-broadcast buffers, a bad resume).
+    """
+    if world_size() <= 1:
+        return True
+    digest = hashlib.sha1()
+    for name, tensor in sorted(unwrap(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    gathered: tp.List[tp.Any] = [None] * world_size()
+    dist.all_gather_object(gathered, digest.hexdigest())
+    return len(set(gathered)) == 1
 
 
 def barrier() -> None:

@@ -28,7 +28,10 @@ import re
 import sys
 import typing as tp
 
+from dora.conf import SlurmConfig
+from dora.explore import Explorer, Herd, Launcher
 from dora.hydra import HydraMain, _compare_config
+from dora.shep import Sheep, Shepherd
 from dora.xp import XP
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -163,3 +166,14 @@ def config_changes(old: tp.Mapping[str, tp.Any], new: tp.Mapping[str, tp.Any]) -
     missing = "<absent>"
     return [f"{key}: {old.get(key, missing)} -> {new.get(key, missing)}" for key in keys
             if old.get(key, missing) != new.get(key, missing)]
+
+
+def grid_experiments(main: HydraMain, explorer: Explorer) -> tp.List[tp.Tuple[Sheep, SlurmConfig]]:
+    """The XPs a grid's explorer defines, each with the Slurm settings the grid gives it.
+
+    Like `dora grid NAME --dry_run`: nothing is submitted and Slurm is never called.
+    """
+    herd = Herd()
+    explorer(Launcher(Shepherd(main, log=lambda *args: None), main.get_slurm_config(), herd))
+    herd.complete()
+    return [(sheep, herd.slurm_configs[sig]) for sig, sheep in herd.sheeps.items()]

@@ -287,6 +287,10 @@ class Solver:
                 entry["valid"].get("state", "main")).items()}
         entry["best"] = bool(improved)
         self.schedule.end_epoch(metric)
+        if distrib.world_size() > 1:
+            if not distrib.replicas_identical(self.model):
+                raise RuntimeError(f"epoch {epoch + 1}: the {distrib.world_size()} processes hold different weights")
+            logger.info("epoch %d: weights identical on the %d processes", epoch + 1, distrib.world_size())
         test_every = int(self.cfg.test.every)
         if test_every and (epoch + 1) % test_every == 0 and epoch + 1 < int(self.cfg.epochs):
             entry["test"] = self._test(epoch + 1)
@@ -345,6 +349,11 @@ class Solver:
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
             totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
             progress.update(loss=f"{totals['loss'] / count:.4f}")
+        # DDP broadcasts buffers before each forward, which then updates them from each process'
+        # own batch: after the last step the BatchNorm statistics (and their EMAs) differ.
+        distrib.broadcast_tensors(self.model.buffers())
+        for ema in self.emas:
+            distrib.broadcast_tensors(ema.state_dict().values())
         metrics = distrib.average_metrics({key: value / count for key, value in totals.items()}, count)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["duration"] = time.time() - begin

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from dora import distrib as dora_distrib
-from dora import get_xp, to_absolute_path
+from dora import XP, get_xp, to_absolute_path
 from omegaconf import DictConfig
 
 from . import distrib
@@ -32,10 +32,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _separate_worker_log(folder: Path) -> None:
+    """Ranks > 0 write their log to train_rank{N}.log instead of sharing rank 0's train.log."""
+    rank = dora_distrib.get_distrib_spec().rank
+    if rank == 0:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            replacement = logging.FileHandler(folder / f"train_rank{rank}.log")
+            replacement.setFormatter(handler.formatter)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(replacement)
+
+
+def _log_error_to_files(error: DemixError) -> None:
+    """Record a user error in the XP's log files; the console gets the one-line message only."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @exit_on_user_error
 def run(cfg: DictConfig) -> None:
     """Train (or resume) the current XP and report its test scores."""
     xp = get_xp()
+    _separate_worker_log(xp.folder)
+    try:
+        _train(cfg, xp)
+    except DemixError as error:
+        _log_error_to_files(error)
+        raise
+
+
+def _train(cfg: DictConfig, xp: XP) -> None:
     if cfg.misc.verbose:
         logging.getLogger("demixlab").setLevel(logging.DEBUG)
     keep_freed_memory()

@@ -16,48 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-# A tiny but real configuration: UMX with a small bottleneck, a short schedule...
-TINY_SOLVER = [
-    "model.hidden_size=16", "model.nb_layers=1",
-    "epochs=2", "batch_size=2", "segment=1.0", "samples_per_track=2", "test.sdr=false",
-    "misc.num_workers=0",
-]
-# ... on a small toy dataset.
-TINY = [
-    "dset.toy.train_tracks=2", "dset.toy.valid_tracks=1", "dset.toy.test_tracks=1",
-    "dset.toy.train_duration=4.0", "dset.toy.eval_duration=3.0", *TINY_SOLVER,
-]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return Path(os.environ.get("DEMIXLAB_CACHE") or tmp_path_factory.mktemp("cache"))
-
-
-def dora(workdir: Path, cache_dir: Path, *args: str, command: str = "run", timeout: float = 300,
-         check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "dora", "-P", "demixlab", command, *args], cwd=workdir,
-                            env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dora {command} {' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def signature(workdir: Path, cache_dir: Path, *args: str) -> str:
-    code = ("import sys; from demixlab.train import main; "
-            "print(main.get_xp(sys.argv[1:]).sig)")
-    out = subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
-                         env={**os.environ, "DEMIXLAB_CACHE": str(cache_dir)}, check=True)
-    return out.stdout.strip().splitlines()[-1]
-
-
-def load_checkpoint(folder: Path) -> dict:
-    return torch.load(folder / "checkpoint.th", weights_only=True)
-
+from tests.cli import TINY, TINY_SOLVER, dora, load_checkpoint, signature
 
 def test_train_writes_everything_in_the_xp_folder_then_resumes_without_repeating(tmp_path, cache_dir):
     first = dora(tmp_path, cache_dir, *TINY)
@@ -127,10 +86,12 @@ def test_continue_from_starts_from_the_parent_best_weights(tmp_path, cache_dir):
     dora(tmp_path, cache_dir, *TINY)
     parent = signature(tmp_path, cache_dir, *TINY)
     parent_state = load_checkpoint(tmp_path / "outputs" / "xps" / parent)["best_state"]
+    # Fine-tune the way users do: replay the parent's overrides with -f, add the second stage.
     # A learning rate so small that one epoch cannot move the weights measurably.
-    child_args = [*TINY, f"continue_from={parent}", "variant=finetune", "epochs=1", "optim.lr=1e-12"]
-    result = dora(tmp_path, cache_dir, *child_args)
+    result = dora(tmp_path, cache_dir, "-f", parent, f"continue_from={parent}", "variant=finetune", "epochs=1",
+                  "optim.lr=1e-12")
     assert f"initialised from the best state of XP {parent}" in result.stderr + result.stdout
+    child_args = [*TINY, f"continue_from={parent}", "variant=finetune", "epochs=1", "optim.lr=1e-12"]
     child = load_checkpoint(tmp_path / "outputs" / "xps" / signature(tmp_path, cache_dir, *child_args))
     assert child["parent"] == parent
     for key, value in parent_state.items():
@@ -209,13 +170,3 @@ def test_bad_options_are_one_line_errors_naming_the_key(tmp_path, cache_dir, arg
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
 
-
-def test_two_cpu_processes_train_even_when_a_rank_has_no_validation_track(tmp_path, cache_dir):
-    # One validation and one test track for two processes: rank 1 has nothing to evaluate and
-    # must still take part in every collective (a mismatch used to abort gloo).
-    result = dora(tmp_path, cache_dir, "-d", "--ddp_workers", "2", *TINY)
-    assert "All workers completed successfully" in result.stdout + result.stderr
-    sig = signature(tmp_path, cache_dir, *TINY)
-    history = json.loads((tmp_path / "outputs" / "xps" / sig / "history.json").read_text())
-    assert [entry["epoch"] for entry in history] == [1, 2]
-    assert "nsdr_drums" in history[-1]["valid"] and "nsdr_drums" in history[-1]["test"]

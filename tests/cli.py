@@ -1,0 +1,45 @@
+"""Run demixlab's command lines in subprocesses, as a user would (shared by the end-to-end tests)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# A tiny but real configuration: UMX with a small bottleneck, a short schedule...
+TINY_SOLVER = [
+    "model.hidden_size=16", "model.nb_layers=1",
+    "epochs=2", "batch_size=2", "segment=1.0", "samples_per_track=2", "test.sdr=false",
+    "misc.num_workers=0",
+]
+# ... on a small toy dataset.
+TINY = [
+    "dset.toy.train_tracks=2", "dset.toy.valid_tracks=1", "dset.toy.test_tracks=1",
+    "dset.toy.train_duration=4.0", "dset.toy.eval_duration=3.0", *TINY_SOLVER,
+]
+
+
+def dora(workdir: Path, cache_dir: Path, *args: str, command: str = "run", timeout: float = 300,
+         check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m dora -P demixlab COMMAND ARGS` in `workdir`; raise with its output if it fails."""
+    env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "dora", "-P", "demixlab", command, *args], cwd=workdir,
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dora {command} {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def signature(workdir: Path, cache_dir: Path, *args: str) -> str:
+    """The signature Dora gives these overrides."""
+    code = ("import sys; from demixlab.train import main; "
+            "print(main.get_xp(sys.argv[1:]).sig)")
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
+                         env={**os.environ, "DEMIXLAB_CACHE": str(cache_dir)}, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """An XP's checkpoint, loaded the safe way."""
+    return torch.load(folder / "checkpoint.th", weights_only=True)
