@@ -64,6 +64,9 @@ MpiDefault=none
 ReturnToService=2
 # Finished jobs stay visible to scontrol for 10 minutes; afterwards the completion log answers.
 MinJobAge=600
+# Seconds between SIGTERM and SIGKILL when a job is cancelled or requeued. submitit ignores SIGTERM
+# (it checkpoints on USR2), so the default 30 s would let a small job finish before it is killed.
+KillWait=3
 JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/log/jobcomp.log
 GresTypes=gpu
