@@ -11,7 +11,6 @@ With `residual=True` the last name in `sources` gets no network: it is estimated
 mixture minus the other sources (see :class:`UMX`).
 """
 import logging
-import math
 import typing as tp
 
 import torch
