@@ -32,7 +32,8 @@ setup(
     extras_require={
         # The reference implementations used as test oracles are NOT listed here: their own
         # requirements (torchaudio, another torch) cannot be installed next to this torch build.
-        # They install with --no-deps from tests/requirements-reference.txt (see README).
-        "test": ["pytest", "scipy"],
+        # They install with --no-deps from tests/requirements-reference.txt (see README); einops
+        # is what demucs needs beyond our own requirements.
+        "test": ["pytest", "scipy", "einops"],
     },
 )
