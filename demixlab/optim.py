@@ -17,8 +17,8 @@ def build_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.Op
 
     A model may define `parameter_groups()` returning {name: parameters} or {name: {"params":
     parameters, "lr": ..., "weight_decay": ...}} (the model's own defaults for that group, e.g. a
-    transformer's). `optim.groups.NAME.lr` / `.weight_decay` override them; all other parameters
-    form the `default` group with `optim.lr` and `optim.weight_decay`.
+    transformer's). `optim.groups.NAME.lr` / `.weight_decay` override them when not null; all other
+    parameters form the `default` group with `optim.lr` and `optim.weight_decay`.
     """
     if optim.optimizer not in OPTIMIZERS:
         raise DemixError(f"optim.optimizer={optim.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -38,7 +38,7 @@ def build_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.Op
     groups = [{"name": "default", "params": [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]}]
     for name, group in named.items():
         group = {key: value for key, value in group.items() if value is not None}
-        group.update({key: float(value) for key, value in (settings.get(name) or {}).items()})
+        group.update({key: float(value) for key, value in (settings.get(name) or {}).items() if value is not None})
         group["params"] = [p for p in group["params"] if p.requires_grad]
         groups.append({"name": name, **group})
     optimizer = OPTIMIZERS[optim.optimizer]([group for group in groups if group["params"]], lr=float(optim.lr),

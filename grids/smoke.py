@@ -18,6 +18,7 @@ def explorer(launcher):
     launcher.slurm_(gpus=0, mem_per_gpu=3, cpus_per_gpu=1, time=30)
     launcher.bind_(TINY_TOY)
     launcher({"model.hidden_size": 16, "model.nb_layers": 1})
-    launcher({"model.hidden_size": 32, "model.nb_layers": 1})
+    launcher({"model": "xumx", "model.hidden_size": 16, "model.nb_layers": 1})
+    launcher({"model": "hdemucs", "model.channels": 4, "model.nfft": 256, "model.depth": 4, "ema.decays": []})
     # Two processes (gloo on CPU): a node's 'GPUs' only decide the number of tasks here.
     launcher.slurm(gpus=2, mem_per_gpu=2)({"model.hidden_size": 16, "model.nb_layers": 1, "seed": 1})

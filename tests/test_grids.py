@@ -45,8 +45,8 @@ def test_dry_run_init_then_run_one_xp_then_finetune_the_finished_one_locally(tmp
     # Materialise the smoke grid's signatures without any Slurm.
     dora(workdir, cache_dir, "smoke", "--dry_run", "--init", command="grid")
     xps = xps_by_argv(workdir)
-    assert len(xps) == 3
-    parent = next(sig for argv, sig in xps.items() if "model.hidden_size=32" in argv)
+    assert len(xps) == 4
+    parent = next(sig for argv, sig in xps.items() if "model=xumx" in argv)
     dora(workdir, cache_dir, "-f", parent)
     assert load_checkpoint(workdir / "outputs" / "xps" / parent)["done"]
 
@@ -54,7 +54,7 @@ def test_dry_run_init_then_run_one_xp_then_finetune_the_finished_one_locally(tmp
     env = {"FINETUNE_PARENT_GRID": "smoke"}
     listed = tool(workdir, cache_dir, "tools.grid_local", "finetune", "--dry_run", env=env)
     skipped = [line for line in listed.stdout.splitlines() if line.startswith("finetune: skipping")]
-    assert len(skipped) == 2 and all("training not finished (0/2 epochs)" in line for line in skipped)
+    assert len(skipped) == 3 and all("training not finished (0/2 epochs)" in line for line in skipped)
     assert f"continue_from={parent}" in listed.stdout
 
     ran = tool(workdir, cache_dir, "tools.grid_local", "finetune", env=env)

@@ -43,6 +43,8 @@ def test_a_group_keeps_the_model_defaults_unless_the_config_overrides_them():
     assert groups["transformer"]["weight_decay"] == 0.1 and groups["transformer"]["lr"] == 1e-3  # lr None: default
     overridden = build_optimizer(WithDefaults(), optim_cfg(groups={"transformer": {"weight_decay": 0.2}}))
     assert {g["name"]: g for g in overridden.param_groups}["transformer"]["weight_decay"] == 0.2
+    declared = build_optimizer(WithDefaults(), optim_cfg(groups={"transformer": {"lr": None, "weight_decay": None}}))
+    assert {g["name"]: g for g in declared.param_groups}["transformer"]["weight_decay"] == 0.1  # null: the model's
 
 
 @pytest.mark.parametrize("groups, message", [

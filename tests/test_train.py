@@ -154,7 +154,7 @@ def test_bad_data_is_a_one_line_error_naming_the_file(tmp_path, cache_dir, broke
 
 
 @pytest.mark.parametrize("args, message", [
-    (["model=foo"], "unknown model 'foo' in 'model=foo': choose one of umx"),
+    (["model=foo"], "unknown model 'foo' in 'model=foo': choose one of "),
     (["dset=musdb18hq", "dset.toy.seed=3"], "unknown option dset.toy.seed: it exists with the default dset "
                                             "but not with dset=musdb18hq"),
     (["dset=folder", "dset.root=does/not/exist", "dset.sources=[a,b]"], "dset.root"),
