@@ -28,6 +28,7 @@ setup(
         "tensorboard",
         "musdb",
         "museval",
+        "matplotlib",  # PNG plots (evaluation box plots, sliCQ spectrograms)
     ],
     extras_require={
         # The reference implementations used as test oracles are NOT listed here: their own
