@@ -4,3 +4,4 @@ from . import umx  # noqa: F401
 from . import xumx  # noqa: F401
 from . import hdemucs  # noqa: F401
 from . import htdemucs  # noqa: F401
+from . import slicq_cdae  # noqa: F401
