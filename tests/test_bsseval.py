@@ -1,0 +1,175 @@
+"""BSS Eval v4 on torch (demixlab.bsseval) against museval's own numbers, frame by frame."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from demixlab.bsseval import bss_eval_v4, track_metrics
+from demixlab.errors import DemixError
+from tests.references import import_reference
+
+SAMPLERATE = 8000  # short clips: museval needs seconds per clip even at this rate
+TOLERANCE_DB = 0.01
+METRICS = ("sdr", "isr", "sir", "sar")
+
+
+def museval_frames(references: torch.Tensor, estimates: torch.Tensor, window: int = SAMPLERATE,
+                   hop: int = SAMPLERATE) -> dict:
+    museval = import_reference("museval")
+    out = museval.evaluate(references.transpose(1, 2).double().numpy(), estimates.transpose(1, 2).double().numpy(),
+                           win=window, hop=hop)
+    return dict(zip(METRICS, out))
+
+
+def assert_frames_match(got: dict, expected: dict, metrics=METRICS) -> None:
+    for metric in metrics:
+        ours, theirs = got[metric].cpu().numpy(), expected[metric]
+        assert ours.shape == theirs.shape, metric
+        np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs), err_msg=metric)
+        np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs), err_msg=metric)
+        finite = np.isfinite(theirs)
+        assert finite.any(), metric
+        assert np.abs(ours[finite] - theirs[finite]).max() < TOLERANCE_DB, metric
+
+
+def clip(sources: int, seconds: float, seed: int, channels: int = 2) -> torch.Tensor:
+    """Coloured noise with a different spectrum per source and channel."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(sources, channels, int(seconds * SAMPLERATE), generator=generator, dtype=torch.float64)
+    kernel = torch.rand(sources * channels, 1, 9, generator=generator, dtype=torch.float64)
+    coloured = torch.nn.functional.conv1d(noise.reshape(1, sources * channels, -1), kernel, padding=4,
+                                          groups=sources * channels)
+    return coloured.reshape(noise.shape)
+
+
+def test_noisy_estimates_with_crosstalk_match_museval():
+    # clip(...) is coloured noise: broadband, so the distortion filters are well defined and
+    # ISR/SIR/SAR comparable (see test_band_limited_references_warn_that_isr_sir_sar_are_ill_defined).
+    references = clip(3, 3, seed=0, channels=1)  # 3 sources (mono: museval's Gram system grows with S x C)
+    generator = torch.Generator().manual_seed(1)
+    estimates = references + 0.4 * torch.randn(references.shape, generator=generator, dtype=torch.float64)
+    estimates = estimates + 0.3 * references.roll(1, dims=0)  # interference from the other sources
+    got = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    assert got["sdr"].shape == (3, 3) and got["sdr"].dtype == torch.float64
+    assert_frames_match(got, museval_frames(references, estimates))
+
+
+def test_filtered_and_delayed_reference_matches_museval():
+    references = clip(2, 3, seed=2)
+    # An estimate that is a filtered, 37-sample delayed reference: the distortion filters absorb
+    # most of it (high ISR-limited SDR loss, high SAR), which exercises the Gram system.
+    filtered = torch.nn.functional.conv1d(references.reshape(1, 4, -1), torch.tensor([[[0.5, 0.3, -0.2]]] * 4,
+                                          dtype=torch.float64), padding=1, groups=4).reshape(references.shape)
+    estimates = torch.nn.functional.pad(filtered, (37, 0))[..., :references.shape[-1]]
+    estimates = estimates + 0.01 * clip(2, 3, seed=3)
+    got = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    expected = museval_frames(references, estimates)
+    assert_frames_match(got, expected)
+    assert np.nanmin(expected["sar"]) > 15  # the filters really explain the estimate
+
+
+def test_silent_frames_are_nan_like_museval():
+    references = clip(2, 4, seed=4)
+    references[1, :, :SAMPLERATE + 100] = 0  # frames 0 and (partially) 1 of source 1
+    estimates = references + 0.3 * clip(2, 4, seed=5)
+    estimates[0, :, 3 * SAMPLERATE:] = 0  # a silent estimate in frame 3
+    got = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    expected = museval_frames(references, estimates)
+    assert np.isnan(expected["sdr"][:, 0]).all() and np.isnan(expected["sdr"][:, 3]).all()
+    assert_frames_match(got, expected)
+
+
+def test_perfect_estimate_gives_inf_sdr_like_museval():
+    references = clip(2, 2, seed=6)
+    got = bss_eval_v4(references, references.clone(), SAMPLERATE, SAMPLERATE)
+    expected = museval_frames(references, references.clone())
+    assert np.isposinf(expected["sdr"]).all() and torch.isposinf(got["sdr"]).all()
+    # The other three are limited by floating point round-off in both (about 300 dB in museval).
+    for metric in ("isr", "sir", "sar"):
+        assert np.nanmin(expected[metric]) > 200 and got[metric].min() > 200, metric
+
+
+def test_partial_last_frame_and_single_frame_windows_match_museval():
+    references = clip(2, 2.6, seed=7, channels=1)  # mono keeps museval's Gram system small
+    estimates = references + 0.5 * clip(2, 2.6, seed=8, channels=1)
+    window, hop = 4000, 3000  # overlapping frames; the trailing 1.2 s partial frame is dropped
+    got = bss_eval_v4(references, estimates, window, hop)
+    assert got["sdr"].shape == (2, 6)
+    assert_frames_match(got, museval_frames(references, estimates, window, hop))
+    whole = bss_eval_v4(references, estimates, 10 ** 6, 10 ** 6)  # window > length: one frame
+    assert_frames_match(whole, museval_frames(references, estimates, 10 ** 6, 10 ** 6))
+
+
+def test_sdr_only_equals_the_full_computation():
+    references = clip(2, 3, seed=9)
+    estimates = references + 0.4 * clip(2, 3, seed=10)
+    estimates[1, :, :SAMPLERATE] = 0
+    full = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    fast = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE, sdr_only=True)
+    assert set(fast) == {"sdr"}
+    torch.testing.assert_close(fast["sdr"], full["sdr"], equal_nan=True)
+    assert torch.isnan(fast["sdr"][:, 0]).all()
+
+
+def test_track_metrics_is_the_median_over_frames_per_source():
+    references = clip(2, 4, seed=11)
+    references[0, :, :SAMPLERATE] = 0
+    estimates = (references + 0.3 * clip(2, 4, seed=12)).float()  # float32 input: computed in float64
+    frames = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    scores = track_metrics(references, estimates, SAMPLERATE, ["drums", "bass"])
+    assert set(scores) == set(METRICS)
+    for metric in METRICS:
+        for index, source in enumerate(["drums", "bass"]):
+            values = frames[metric][index].numpy()
+            assert scores[metric][source] == pytest.approx(float(np.median(values[~np.isnan(values)])))
+    assert set(track_metrics(references, estimates, SAMPLERATE, ["drums", "bass"], sdr_only=True)) == {"sdr"}
+
+
+def test_silent_reference_track_gives_nan_instead_of_museval_error():
+    references = clip(2, 2, seed=13)
+    references[1] = 0  # museval refuses this track (ValueError); here every frame is NaN
+    scores = track_metrics(references, references + 0.1, SAMPLERATE, ["drums", "bass"])
+    assert all(math.isnan(scores[metric][source]) for metric in METRICS for source in ("drums", "bass"))
+
+
+def test_shape_errors_name_both_shapes():
+    references = torch.zeros(2, 2, 100)
+    with pytest.raises(DemixError, match=r"references \(2, 2, 100\) and estimates \(2, 2, 90\)"):
+        bss_eval_v4(references, torch.zeros(2, 2, 90), 50, 50)
+    with pytest.raises(DemixError, match=r"references \(2, 100\) and estimates \(2, 100\)"):
+        bss_eval_v4(references[0], references[0], 50, 50)
+    with pytest.raises(DemixError, match="hop"):
+        bss_eval_v4(references, references, 50, 0)
+    with pytest.raises(DemixError, match=r"sources=3"):
+        track_metrics(references, references, 50, ["a", "b", "c"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    references = clip(4, 3, seed=14)
+    estimates = references + 0.4 * clip(4, 3, seed=15)
+    cpu = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    cuda = bss_eval_v4(references.cuda(), estimates.cuda(), SAMPLERATE, SAMPLERATE)
+    for metric in METRICS:
+        assert cuda[metric].device.type == "cuda"
+        torch.testing.assert_close(cuda[metric].cpu(), cpu[metric], atol=1e-6, rtol=0)
+
+
+def test_band_limited_references_warn_that_isr_sir_sar_are_ill_defined(caplog, monkeypatch):
+    import demixlab.bsseval as bsseval
+    references = clip(2, 2, seed=16)
+    spectrum = torch.fft.rfft(references)
+    spectrum[..., spectrum.shape[-1] // 4:] = 0  # nothing above 1 kHz: the Gram system is singular
+    band_limited = torch.fft.irfft(spectrum, n=references.shape[-1])
+    estimates = band_limited + 0.1 * clip(2, 2, seed=17)
+    monkeypatch.setattr(bsseval, "_warned_singular", False)
+    with caplog.at_level("WARNING", logger="demixlab.bsseval"):
+        bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)  # broadband: no warning
+        assert not caplog.records
+        got = bss_eval_v4(band_limited, estimates, SAMPLERATE, SAMPLERATE)
+    assert len(caplog.records) == 1 and "numerically singular" in caplog.records[0].getMessage()
+    frames = band_limited.reshape(2, 2, 2, SAMPLERATE)
+    errors = (estimates - band_limited).reshape(2, 2, 2, SAMPLERATE)
+    expected_sdr = 10 * torch.log10(frames.pow(2).sum(dim=(1, 3)) / errors.pow(2).sum(dim=(1, 3)))
+    torch.testing.assert_close(got["sdr"], expected_sdr)  # SDR stays the plain per-frame ratio
