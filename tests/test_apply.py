@@ -51,3 +51,14 @@ def test_bad_arguments_are_user_errors():
         separate(GainModel(), torch.randn(1, 2, 10), overlap=1.0)
     with pytest.raises(DemixError, match="batch, channels, time"):
         separate(GainModel(), torch.randn(2, 10))
+
+
+def test_parallel_chunk_jobs_give_the_same_result_with_the_same_chunks():
+    mixture = torch.randn(1, 2, 5000, generator=torch.Generator().manual_seed(1))
+    sequential, parallel = GainModel(), GainModel()
+    expected = separate(sequential, mixture, segment=300, overlap=0.25)
+    out = separate(parallel, mixture, segment=300, overlap=0.25, jobs=3)
+    torch.testing.assert_close(out, expected)
+    assert sorted(parallel.seen) == sorted(sequential.seen)
+    with pytest.raises(DemixError, match="jobs must be at least 1"):
+        separate(GainModel(), mixture, segment=300, jobs=0)
