@@ -30,11 +30,14 @@ setup(
         "museval",
         "matplotlib",  # PNG plots (evaluation box plots, sliCQ spectrograms)
     ],
+    entry_points={
+        "console_scripts": ["demixlab = demixlab.separate:cli"],
+    },
     extras_require={
         # The reference implementations used as test oracles are NOT listed here: their own
         # requirements (torchaudio, another torch) cannot be installed next to this torch build.
         # They install with --no-deps from tests/requirements-reference.txt (see README); einops
         # is what demucs needs beyond our own requirements.
-        "test": ["pytest", "scipy", "einops"],
+        "test": ["pytest", "scipy", "einops", "onnx", "onnxruntime", "onnxscript"],
     },
 )

@@ -9,7 +9,6 @@ schedule, EMAs, best state, history). All randomness of an epoch (segment sampli
 augmentation, dropout) is seeded from (seed, epoch), so an epoch replayed after a crash, or
 resumed from the checkpoint, is the same epoch the uninterrupted run trained.
 """
-import json
 import logging
 import math
 import os
@@ -28,9 +27,10 @@ from .apply import separate
 from .augment import build_augmentation
 from .data import build_datasets, resolve_cache_dir
 from .errors import DemixError
-from .evaluation import aggregate, format_table, global_sdr, museval_track
+from .evaluate_model import EvaluationResult, evaluate
+from .evaluation import aggregate, check_sdr_backend, format_table, global_sdr
 from .experiment import config_changes, flat_config, parse_signature
-from .files import atomic_path, load_torch, save_torch
+from .files import load_torch, save_torch
 from .models import get_family
 from .optim import LearningRateSchedule, ModelEMA, build_optimizer, swapped_weights
 
@@ -77,6 +77,7 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or value < 0:
             raise DemixError(f"{key} must be a non-negative integer, got {value!r}")
+    check_sdr_backend(cfg.test.sdr_backend)
     if cfg.continue_from is not None:
         parse_signature(cfg.continue_from, "continue_from")
     if cfg.batch_size % distrib.world_size():
@@ -450,30 +451,24 @@ class Solver:
         begin = time.time()
         state = self.best_state if self.best_state is not None else self.model.state_dict()
         generator = torch.Generator().manual_seed(int(self.cfg.seed))
-        per_track: tp.List[tp.Dict[str, tp.Any]] = []
+        shifts = int(self.cfg.test.shifts)
+        sdr_backend = str(self.cfg.test.sdr_backend)
         with swapped_weights(self.model, state):
             self.model.eval()
-            indices = distrib.shard(range(len(dataset)))
-            for index in LogProgress(logger, indices, updates=self.cfg.misc.log_updates, name=f"Test | Epoch {epoch}"):
-                name, mixture, sources = dataset[index]
-                estimate = self._separate(mixture, self.cfg.valid.segment, int(self.cfg.test.shifts), generator)
-                scores: tp.Dict[str, tp.Dict[str, float]] = {
-                    "nsdr": dict(zip(self.sources, global_sdr(sources, estimate).tolist()))}
-                if self.cfg.test.sdr:
-                    scores.update(museval_track(sources, estimate, self.samplerate, self.sources))
-                per_track.append({"track": name, **scores})
-        per_track = self._gather_tracks(per_track)
+            result = evaluate(lambda mixture: self._separate(mixture, self.cfg.valid.segment, shifts, generator),
+                              dataset, model_sources=self.sources, dataset_sources=self.sources,
+                              sources=self.sources, samplerate=self.samplerate, museval=bool(self.cfg.test.sdr),
+                              sdr_backend=sdr_backend, indices=distrib.shard(range(len(dataset))),
+                              log_name=f"Test | Epoch {epoch}")
+        per_track = self._gather_tracks(result.tracks)
         summary = aggregate([{k: v for k, v in track.items() if k != "track"} for track in per_track], self.sources)
         summary["duration"] = time.time() - begin
         if distrib.is_master():
-            report = {"epoch": epoch, "signature": self.folder.name, "sources": self.sources,
-                      "dataset": OmegaConf.to_container(self.cfg.dset, resolve=True),
-                      "summary": summary, "tracks": per_track,
-                      "definitions": {"nsdr": "MDX global SDR, mean over tracks",
-                                      "sdr": "museval BSS Eval v4 SDR, median over frames then tracks"}}
+            info = {"epoch": epoch, "signature": self.folder.name,
+                    "dataset": OmegaConf.to_container(self.cfg.dset, resolve=True)}
+            report = EvaluationResult(self.sources, per_track, summary, info=info, sdr_backend=sdr_backend)
             for path in (self.folder / "test" / f"epoch_{epoch:04d}.json", self.folder / "test_results.json"):
-                with atomic_path(path) as tmp:
-                    tmp.write_text(json.dumps(report, indent=2))
+                report.save(path)
         return summary
 
     def _gather_tracks(self, tracks: tp.List[tp.Dict[str, tp.Any]]) -> tp.List[tp.Dict[str, tp.Any]]:

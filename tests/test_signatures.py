@@ -19,6 +19,7 @@ PINNED = [
     (["dset=toy", "variant=default"], "97d170e1", "b77eae16"),
     (["misc.num_workers=0", "misc.device=cpu"], "97d170e1", "b77eae16"),
     (["slurm.gpus=8"], "97d170e1", "b77eae16"),
+    (["test.sdr_backend=museval"], "97d170e1", "b77eae16"),  # how scores are computed, not what is trained
     (["epochs=3"], "bdcea226", "a1959a17"),
     (["model=umx", "epochs=3"], "bdcea226", "a1959a17"),
     (["variant=finetune"], "d854b28e", "8a54cfa9"),
@@ -34,6 +35,8 @@ PINNED = [
     (["model=hdemucs"], "6b862bd9", "869f1286"),
     (["model=htdemucs"], "8ad9d354", "70b05a83"),
     (["model=htdemucs", "optim.groups.transformer.lr=1e-4"], "d32197e0", "50d478c8"),
+    (["model=slicq_cdae"], "21f332ca", "face3326"),
+    (["model=slicq_cdae", "model.realtime=true"], "5a25014b", "5d21241d"),
     (["continue_from=0123abcd", "variant=finetune"], "f499883a", "d6efca32"),
 ]
 

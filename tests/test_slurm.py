@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import dora, load_checkpoint
+from tests.cli import load_checkpoint
 from tests.test_grids import make_workdir
 
 REPO = Path(__file__).resolve().parents[1]

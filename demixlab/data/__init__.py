@@ -72,14 +72,14 @@ def build_datasets(dset: DictConfig, *, segment: float, samples_per_track: int, 
     kind = dset.get("kind")
     if kind not in KINDS:
         raise DemixError(f"dset.kind={kind!r}: expected one of {', '.join(KINDS)}")
-    sources = _sources(dset)
+    sources = dataset_sources(dset)
     samplerate, channels = int(dset.samplerate), int(dset.channels)
     cache_dir = Path(cache_dir)
     valid_tracks = _valid_tracks(dset)
     if kind == "musdb":
         train, valid, test = _musdb_splits(dataset_root(dset, base_dir), sources, valid_tracks, with_test)
     else:
-        root = _toy_root(dset, cache_dir, progress) if kind == "toy" else dataset_root(dset, base_dir)
+        root = toy_root(dset, cache_dir, progress) if kind == "toy" else dataset_root(dset, base_dir)
         train, valid, test = _stems_splits(root, sources, valid_tracks, cache_dir, with_test, progress)
 
     splits = {"train": train, "valid": valid, **({"test": test} if test is not None else {})}
@@ -108,7 +108,8 @@ def dataset_root(dset: DictConfig, base_dir: Path) -> Path:
     return root
 
 
-def _sources(dset: DictConfig) -> tp.List[str]:
+def dataset_sources(dset: DictConfig) -> tp.List[str]:
+    """The validated `dset.sources` list (unique, non-empty file names)."""
     if OmegaConf.is_missing(dset, "sources") or not dset.get("sources"):
         raise DemixError("dset.sources is not set: pass e.g. 'dset.sources=[vocals,accompaniment]'")
     if isinstance(dset.sources, str):
@@ -175,7 +176,7 @@ def _optional_test(root: Path, with_test: bool, scan: tp.Callable[[Path], tp.Lis
     return scan(folder)
 
 
-def _toy_root(dset: DictConfig, cache_dir: Path, progress: bool) -> Path:
+def toy_root(dset: DictConfig, cache_dir: Path, progress: bool) -> Path:
     """Generate (once) the toy dataset described by ``dset.toy`` and return its root."""
     from .toy import ToySpec, ensure_toy_dataset  # noqa: PLC0415 - only the toy kind needs it
 

@@ -23,19 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DemixError
 from ..losses import Objective, build_waveform_objective, check_options
 from ..spectral import wiener
 from .demucs_blocks import BandSplit, DecoderLayer, EncoderLayer, ScaledEmbedding, pad1d, rescale_module
-from .registry import Family, register_family
+from .registry import Family, check_model_io, register_family, require
 
 Segment = tp.Union[int, float, Fraction]
 WIENER_WINDOW = 300  # frames per independent Wiener filtering window, as the reference
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise DemixError(message)
 
 
 # ------------------------------------------------------------------------------ STFT conventions
@@ -165,12 +159,9 @@ class HybridUNet(nn.Module):
     def _setup(self, sources: tp.Sequence[str], samplerate: int, audio_channels: int, segment: Segment, *,
                nfft: int, cac: bool, wiener_iters: int, end_iters: int, wiener_residual: bool) -> None:
         sources = list(sources)
-        _check(len(sources) > 0 and len(set(sources)) == len(sources),
-               f"sources must be a non-empty list of distinct names, got {sources}")
-        _check(samplerate > 0, f"samplerate must be positive, got {samplerate}")
-        _check(audio_channels >= 1, f"audio_channels must be at least 1, got {audio_channels}")
-        _check(nfft >= 8 and nfft % 4 == 0, f"model.nfft must be a multiple of 4 (at least 8), got {nfft}")
-        _check(segment > 0, f"model.segment must be a positive number of seconds, got {segment}")
+        check_model_io(sources, samplerate, audio_channels)
+        require(nfft >= 8 and nfft % 4 == 0, f"model.nfft must be a multiple of 4 (at least 8), got {nfft}")
+        require(segment > 0, f"model.segment must be a positive number of seconds, got {segment}")
         self.sources = sources
         self.samplerate = samplerate
         self.audio_channels = audio_channels
@@ -186,7 +177,7 @@ class HybridUNet(nn.Module):
                stride: int, rewrite: bool, norm_groups: int, context: int, context_enc: int, dconv_mode: int,
                dconv_depth: int, dconv_comp: float, dconv_init: float, multi_freqs: tp.Optional[tp.Sequence[float]],
                freq_emb: float, emb_scale: float, emb_smooth: bool) -> None:
-        _check(dconv_mode in (0, 1, 2, 3), f"model.dconv_mode must be 0, 1, 2 or 3, got {dconv_mode}")
+        require(dconv_mode in (0, 1, 2, 3), f"model.dconv_mode must be 0, 1, 2 or 3, got {dconv_mode}")
         self.depth = len(plans)
         self.encoder = nn.ModuleList()
         self.decoder = nn.ModuleList()
@@ -359,19 +350,19 @@ def _check_layers(plans: tp.Sequence[LayerPlan], *, hybrid: bool, nfft: int, str
     """Reject settings whose branches could not be aligned (friendlier than a shape error)."""
     if multi_freqs:
         ratios = list(multi_freqs)
-        _check(all(a < b for a, b in zip([0.0] + ratios, ratios + [1.0])),
+        require(all(a < b for a, b in zip([0.0] + ratios, ratios + [1.0])),
                f"model.multi_freqs must be increasing ratios in (0, 1), got {ratios}")
-        _check(not any(plan.multi and (plan.norm or not plan.freq or plan.merge) for plan in plans),
+        require(not any(plan.multi and (plan.norm or not plan.freq or plan.merge) for plan in plans),
                "model.multi_freqs: band-split layers (the first model.multi_freqs_depth) must be frequency "
                "layers without group norm (raise model.norm_starts or lower model.multi_freqs_depth)")
     if not hybrid:
         return
     merges = [plan.index for plan in plans if plan.merge]
     if need_merge:
-        _check(bool(merges), f"model.depth={len(plans)} is too shallow for a hybrid model with nfft={nfft}: the "
+        require(bool(merges), f"model.depth={len(plans)} is too shallow for a hybrid model with nfft={nfft}: the "
                              f"time branch must merge into the frequency branch (deepen the model or set hybrid=false)")
     if merges:
-        _check(stride ** (merges[0] + 1) == nfft // 4,
+        require(stride ** (merges[0] + 1) == nfft // 4,
                f"hybrid branches cannot merge: the time branch's stride {stride}^{merges[0] + 1} at layer "
                f"{merges[0]} differs from the STFT hop {nfft // 4} (model.nfft, model.stride, model.kernel_size="
                f"{kernel_size})")
@@ -419,10 +410,10 @@ class HDemucs(HybridUNet):
                  dconv_comp: float = 4, dconv_attn: int = 4, dconv_lstm: int = 4, dconv_init: float = 1e-4,
                  rescale: float = 0.1, segment: Segment = 4 * 10):
         super().__init__()
-        _check(channels >= 1 and depth >= 1,
+        require(channels >= 1 and depth >= 1,
                f"model.channels and model.depth must be positive, got {channels} and {depth}")
-        _check(not hybrid_old or hybrid, "model.hybrid_old requires model.hybrid=true")
-        _check(not hybrid or wiener_iters == end_iters,
+        require(not hybrid_old or hybrid, "model.hybrid_old requires model.hybrid=true")
+        require(not hybrid or wiener_iters == end_iters,
                f"a hybrid model needs model.wiener_iters == model.end_iters, got {wiener_iters} and {end_iters}")
         self._setup(sources, samplerate, audio_channels, segment, nfft=nfft, cac=cac, wiener_iters=wiener_iters,
                     end_iters=end_iters, wiener_residual=wiener_residual)

@@ -22,8 +22,8 @@ from ..errors import DemixError
 from ..losses import Objective
 from .demucs_blocks import rescale_module
 from .demucs_transformer import CrossTransformerEncoder
-from .hdemucs import HybridUNet, Segment, _check, _check_layers, build_demucs_objective, plan_layers
-from .registry import Family, register_family
+from .hdemucs import HybridUNet, Segment, _check_layers, build_demucs_objective, plan_layers
+from .registry import Family, register_family, require
 
 
 class HTDemucs(HybridUNet):
@@ -73,9 +73,9 @@ class HTDemucs(HybridUNet):
                  t_sparsity: float = 0.95, t_auto_sparsity: bool = False, t_cross_first: bool = False,
                  rescale: float = 0.1, segment: Segment = 10, use_train_segment: bool = True):
         super().__init__()
-        _check(channels >= 1 and depth >= 1,
+        require(channels >= 1 and depth >= 1,
                f"model.channels and model.depth must be positive, got {channels} and {depth}")
-        _check(wiener_iters == end_iters,
+        require(wiener_iters == end_iters,
                f"HTDemucs needs model.wiener_iters == model.end_iters, got {wiener_iters} and {end_iters}")
         self._setup(sources, samplerate, audio_channels, segment, nfft=nfft, cac=cac, wiener_iters=wiener_iters,
                     end_iters=end_iters, wiener_residual=wiener_residual)

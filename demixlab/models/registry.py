@@ -59,6 +59,20 @@ class Family:
                                 **dict(options))
 
 
+def require(condition: bool, message: str) -> None:
+    """Raise a one-line :class:`DemixError` with `message` unless `condition` holds."""
+    if not condition:
+        raise DemixError(message)
+
+
+def check_model_io(sources: tp.Sequence[str], samplerate: int, audio_channels: int) -> None:
+    """The checks every family's constructor starts with: distinct source names, a positive rate, channels."""
+    require(len(sources) > 0 and len(set(sources)) == len(sources),
+            f"sources must be a non-empty list of distinct names, got {list(sources)}")
+    require(samplerate > 0, f"samplerate must be positive, got {samplerate}")
+    require(audio_channels >= 1, f"audio_channels must be at least 1, got {audio_channels}")
+
+
 _FAMILIES: tp.Dict[str, Family] = {}
 
 

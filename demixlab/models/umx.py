@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import DemixError
 from ..spectral import STFT, bandwidth_to_max_bin, wiener
 from ..losses import Objective, check_options, parse_source_weights
-from .registry import Family, register_family
+from .registry import Family, check_model_io, register_family, require
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +119,6 @@ def clean_reference_state(state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, 
     return {key: value for key, value in state.items() if key not in _REFERENCE_EXTRA_KEYS}
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise DemixError(message)
-
-
 class UMX(nn.Module):
     """Open-Unmix separation model: one :class:`OpenUnmixTarget` per source, trained together.
 
@@ -147,22 +142,19 @@ class UMX(nn.Module):
                  softmask: bool = False, residual: bool = False):
         super().__init__()
         sources = list(sources)
-        _check(len(sources) > 0 and len(set(sources)) == len(sources),
-               f"sources must be a non-empty list of distinct names, got {sources}")
-        _check(samplerate > 0, f"samplerate must be positive, got {samplerate}")
-        _check(audio_channels >= 1, f"audio_channels must be at least 1, got {audio_channels}")
-        _check(n_fft >= 2, f"model.n_fft must be at least 2, got {n_fft}")
-        _check(0 < hop_length <= n_fft, f"model.hop_length must be in [1, model.n_fft={n_fft}], got {hop_length}")
-        _check(hidden_size >= 1, f"model.hidden_size must be positive, got {hidden_size}")
-        _check(unidirectional or hidden_size % 2 == 0,
+        check_model_io(sources, samplerate, audio_channels)
+        require(n_fft >= 2, f"model.n_fft must be at least 2, got {n_fft}")
+        require(0 < hop_length <= n_fft, f"model.hop_length must be in [1, model.n_fft={n_fft}], got {hop_length}")
+        require(hidden_size >= 1, f"model.hidden_size must be positive, got {hidden_size}")
+        require(unidirectional or hidden_size % 2 == 0,
                f"model.hidden_size must be even with a bidirectional LSTM, got {hidden_size}")
-        _check(nb_layers >= 1, f"model.nb_layers must be at least 1, got {nb_layers}")
-        _check(0 < bandwidth <= samplerate / 2,
+        require(nb_layers >= 1, f"model.nb_layers must be at least 1, got {nb_layers}")
+        require(0 < bandwidth <= samplerate / 2,
                f"model.bandwidth must be in (0, {samplerate / 2:g}] Hz (half the sample rate), got {bandwidth:g}")
-        _check(wiener_iterations >= 0, f"model.wiener_iterations must be >= 0, got {wiener_iterations}")
-        _check(wiener_window is None or wiener_window >= 1,
+        require(wiener_iterations >= 0, f"model.wiener_iterations must be >= 0, got {wiener_iterations}")
+        require(wiener_window is None or wiener_window >= 1,
                f"model.wiener_window must be a positive number of frames or null, got {wiener_window}")
-        _check(not residual or len(sources) >= 2,
+        require(not residual or len(sources) >= 2,
                f"model.residual needs at least two sources (the last one is the residual), got {sources}")
 
         self.sources = sources
