@@ -33,6 +33,7 @@ from .experiment import config_changes, flat_config, parse_signature
 from .files import load_torch, save_torch
 from .models import get_family
 from .optim import LearningRateSchedule, ModelEMA, build_optimizer, swapped_weights
+from .training_plot import plot_history
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +301,9 @@ class Solver:
         self._sync_history()
         self._log_scalars(entry)
         self._log_epoch(entry)
+        if distrib.is_master():
+            plot_history(self.history, self.sources, self.folder / "curves.png",
+                         title=f"XP {self.folder.name} ({self.family.name})")
 
     def _state_of(self, name: str) -> tp.Dict[str, torch.Tensor]:
         for ema in self.emas:

@@ -30,6 +30,7 @@ def test_train_writes_everything_in_the_xp_folder_then_resumes_without_repeating
     report = json.loads((folder / "test_results.json").read_text())
     assert report["signature"] == sig and len(report["tracks"]) == 1
     assert any((folder / "tensorboard").iterdir())
+    assert (folder / "curves.png").read_bytes().startswith(b"\x89PNG")
     checkpoint = load_checkpoint(folder)
     assert checkpoint["done"] and checkpoint["family"] == "umx" and len(checkpoint["history"]) == 2
     assert "Test set scores" in first.stderr + first.stdout
