@@ -14,6 +14,17 @@ from .errors import DemixError
 Objective = tp.Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tp.Dict[str, torch.Tensor]]
 
 
+def non_negative(value: tp.Any, key: str) -> float:
+    """`value` as a finite float >= 0, or a :class:`DemixError` naming `key`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number >= 0):
+        raise DemixError(f"{key} must be a non-negative number, got {value!r}")
+    return number
+
+
 def parse_source_weights(sources: tp.Sequence[str], weights: tp.Optional[tp.Mapping[str, float]],
                    key: str = "loss.source_weights") -> tp.List[float]:
     """Per-source loss weights in `sources` order from a {name: weight} mapping (missing: 1).
@@ -25,12 +36,7 @@ def parse_source_weights(sources: tp.Sequence[str], weights: tp.Optional[tp.Mapp
     for name, value in weights.items():
         if name not in sources:
             raise DemixError(f"{key}: unknown source {name!r} (sources: {', '.join(sources)})")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not (math.isfinite(number) and number >= 0):
-            raise DemixError(f"{key}.{name} must be a non-negative number, got {value!r}")
+        non_negative(value, f"{key}.{name}")
     values = [float(weights.get(name, 1.0)) for name in sources]
     if sum(values) <= 0:
         raise DemixError(f"{key}: at least one source must have a positive weight")
@@ -92,7 +98,10 @@ def source_subsets(count: int, combinations: str = "all") -> tp.List[tp.Tuple[in
     if combinations not in COMBINATIONS:
         raise DemixError(f"loss.combinations={combinations!r}: choose one of {', '.join(COMBINATIONS)}")
     sizes = range(1, count) if combinations == "all" else [1]
-    return [subset for size in sizes for subset in itertools.combinations(range(count), size)]
+    subsets = [subset for size in sizes for subset in itertools.combinations(range(count), size)]
+    if not subsets:
+        raise DemixError(f"loss.combinations={combinations!r} needs at least two sources, got {count} source(s)")
+    return subsets
 
 
 def subset_sums(stack: torch.Tensor, subsets: tp.Sequence[tp.Sequence[int]]) -> torch.Tensor:

@@ -15,7 +15,6 @@ The reference implementation orders its four targets [bass, vocals, other, drums
 :func:`load_reference_state_dict` maps its state dict onto any order of those names.
 """
 import logging
-import math
 import typing as tp
 import warnings
 from contextlib import contextmanager
@@ -26,7 +25,8 @@ from torch import nn
 
 from ..errors import DemixError
 from ..files import atomic_path
-from ..losses import Objective, check_options, combination_loss, parse_source_weights, source_subsets
+from ..losses import (Objective, check_options, combination_loss, non_negative, parse_source_weights,
+                      source_subsets)
 from ..spectral import wiener
 from ..spectral.slicqt import SliCQT, flatten_slices, unflatten_slices
 from .registry import Family, check_model_io, register_family, require
@@ -202,10 +202,8 @@ def build_slicq_cdae_objective(model: SliCQCDAE, **loss_options: tp.Any) -> Obje
     sources = list(model.sources)
     combinations = loss_options.get("combinations", "all")
     subsets = source_subsets(len(sources), combinations)
-    if not subsets:
-        raise DemixError(f"loss.combinations={combinations!r} needs at least two sources, got {sources}")
-    mask_coef = _coefficient(loss_options.get("mask_coef", 1.0), "loss.mask_coef")
-    sdr_coef = _coefficient(loss_options.get("sdr_coef", 0.0), "loss.sdr_coef")
+    mask_coef = non_negative(loss_options.get("mask_coef", 1.0), "loss.mask_coef")
+    sdr_coef = non_negative(loss_options.get("sdr_coef", 0.0), "loss.sdr_coef")
     weights = parse_source_weights(sources, loss_options.get("source_weights"))
     # At call time `model` may be wrapped (DDP), so the objective keeps its own reference to the
     # transform (a module without parameters) and only calls the model.
@@ -234,16 +232,6 @@ def build_slicq_cdae_objective(model: SliCQCDAE, **loss_options: tp.Any) -> Obje
         return metrics
 
     return objective
-
-
-def _coefficient(value: tp.Any, key: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number >= 0):
-        raise DemixError(f"{key} must be a non-negative number, got {value!r}")
-    return number
 
 
 # ---------------------------------------------------------------------------------- calibration

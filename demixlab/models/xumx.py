@@ -6,7 +6,6 @@ combination loss over source subsets in two domains. It adds no parameters: the 
 :class:`~demixlab.models.umx.OpenUnmixTarget` networks, with the same state-dict keys as UMX's,
 and inference (Wiener EM, inverse STFT) is UMX's.
 """
-import math
 import typing as tp
 
 import torch
@@ -14,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DemixError
-from ..losses import (Objective, check_options, combination_loss, parse_source_weights, source_subsets,
-                      weighted_sdr_loss)
+from ..losses import (Objective, check_options, combination_loss, non_negative, parse_source_weights,
+                      source_subsets, weighted_sdr_loss)
 from ..spectral import STFT
 from .registry import Family, register_family
 from .umx import UMX, calibrate_umx
@@ -96,9 +95,7 @@ def build_xumx_objective(model: XUMX, **loss_options: tp.Any) -> Objective:
     sources = list(model.sources)
     combinations = loss_options.get("combinations", "all")
     subsets = source_subsets(len(sources), combinations)
-    if not subsets:
-        raise DemixError(f"loss.combinations={combinations!r} needs at least two sources, got {sources}")
-    mix_coef = _mix_coef(loss_options.get("mix_coef", 10.0))
+    mix_coef = non_negative(loss_options.get("mix_coef", 10.0), "loss.mix_coef")
     weights = parse_source_weights(sources, loss_options.get("source_weights"))
     # Our own STFT (same settings): at call time `model` may be wrapped (DDP), so only call it.
     stft = STFT(model.stft.n_fft, model.stft.hop_length)
@@ -130,16 +127,6 @@ def build_xumx_objective(model: XUMX, **loss_options: tp.Any) -> Objective:
         return metrics
 
     return objective
-
-
-def _mix_coef(value: tp.Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number >= 0):
-        raise DemixError(f"loss.mix_coef must be a non-negative number, got {value!r}")
-    return number
 
 
 register_family(Family(name="xumx", model_class=XUMX, build_objective=build_xumx_objective,
