@@ -15,6 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["demixlab", "demixlab.*"]),
+    # The Hydra configuration ships with the package: `demixlab evaluate` and `dora run` compose it.
+    package_data={"demixlab": ["conf/*.yaml", "conf/*/*.yaml"]},
     install_requires=[
         "torch",  # install the build you want first (README): an unpinned torch pulls CUDA wheels
         "hydra-core>=1.3",
@@ -31,7 +33,7 @@ setup(
         "matplotlib",  # PNG plots (evaluation box plots, sliCQ spectrograms)
     ],
     entry_points={
-        "console_scripts": ["demixlab = demixlab.separate:cli"],
+        "console_scripts": ["demixlab = demixlab.commands:main"],
     },
     extras_require={
         # The reference implementations used as test oracles are NOT listed here: their own

@@ -18,9 +18,9 @@ import typing as tp
 
 import torch
 
-from demixlab.allocator import keep_freed_memory
-from demixlab.models.hdemucs import HDemucs
-from demixlab.models.htdemucs import HTDemucs
+from demixlab.training.allocator import keep_freed_memory
+from demixlab.models.demucs.hdemucs import HDemucs
+from demixlab.models.demucs.htdemucs import HTDemucs
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 RATE = 44100

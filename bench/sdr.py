@@ -1,4 +1,4 @@
-"""BSS Eval v4 time and agreement: demixlab.bsseval (torch) against museval, on the same tracks.
+"""BSS Eval v4 time and agreement: demixlab.evaluation.bsseval (torch) against museval, on the same tracks.
 
     python bench/sdr.py [--tracks 3] [--seconds 20] [--no-museval] [--threads N]
     OMP_NUM_THREADS=2 python bench/sdr.py ...   # both sides on 2 threads (numpy reads it at import)
@@ -13,7 +13,7 @@ stems (interference) and noise. Two variants of every track:
   then rounding noise in museval itself (shown: museval against museval on the same input
   scaled by 1 + 1e-12).
 
-Every track is scored with museval.evaluate(win=hop=1 s) and with demixlab.bsseval (all four
+Every track is scored with museval.evaluate(win=hop=1 s) and with demixlab.evaluation.bsseval (all four
 metrics on CPU, SDR only on CPU, all four on CUDA when available). Prints the time per track,
 the speed-up and the largest |difference| in dB per metric over tracks, sources and frames.
 """
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demixlab.bsseval import METRICS, bss_eval_v4  # noqa: E402
+from demixlab.evaluation.bsseval import METRICS, bss_eval_v4  # noqa: E402
 from demixlab.data.toy import TOY_SOURCES, synthesize_track  # noqa: E402
 from tests.references import import_reference  # noqa: E402
 

@@ -36,9 +36,9 @@ def _rss_bytes() -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     """One separation in this process; returns its measurements."""
-    from demixlab.api import Separator
+    from demixlab.separation import Separator
     from demixlab.models import get_family
-    from demixlab.package import package_model, save_package
+    from demixlab.release.model_file import package_model, save_package
 
     torch.manual_seed(0)
     options = MODELS[args.family]

@@ -6,11 +6,11 @@ The same random weights separate the same stereo track (`--seconds` long, 44.1 k
 
 - htdemucs: the released HTDemucs configuration (bottom_channels 512, dconv in encoder and
   decoder, 5 transformer layers, segment 7.8 s; about 42 M parameters) saved by demucs
-  (`serialize_model` + `torch.save`), imported with `tools.import_model demucs`. Reference:
-  `demucs.apply.apply_model(split=True, overlap=0.25, shifts=0)`; demixlab: `demixlab.api.Separator`
+  (`serialize_model` + `torch.save`), imported with `demixlab import demucs`. Reference:
+  `demucs.apply.apply_model(split=True, overlap=0.25, shifts=0)`; demixlab: `demixlab.separation.Separator`
   (chunks of the model's segment, overlap 0.25).
 - umx: four full-size Open-Unmix targets (umxhq architecture) saved as Open-Unmix's training
-  script does, imported with `tools.import_model openunmix`. Reference: openunmix `Separator`
+  script does, imported with `demixlab import openunmix`. Reference: openunmix `Separator`
   (niter=1, whole track); demixlab: the same whole track (`split=False`) and its default
   (30 s chunks).
 
@@ -55,7 +55,9 @@ def prepare(folder: Path, seconds: float, models: tp.Sequence[str]) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from demixlab.importers import import_demucs, import_openunmix, save_imported
+    from demixlab.models.demucs.importer import import_demucs
+    from demixlab.models.openunmix.importer import import_openunmix
+    from demixlab.release.importing import save_imported
     from tests.references import import_reference
 
     generator = torch.Generator().manual_seed(0)
@@ -114,7 +116,7 @@ def work(folder: Path, model: str, impl: str) -> tp.Dict[str, tp.Any]:
             with torch.no_grad():
                 return separator(mixture[None])[0]
     else:
-        from demixlab.api import Separator
+        from demixlab.separation import Separator
 
         ours = Separator(folder / "repo", model, device="cpu", split=impl != "demixlab-nosplit")
 

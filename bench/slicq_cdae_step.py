@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from demixlab.allocator import keep_freed_memory
+from demixlab.training.allocator import keep_freed_memory
 from demixlab.models import get_family
 
 SOURCES = ["drums", "bass", "other", "vocals"]

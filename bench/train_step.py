@@ -4,7 +4,7 @@
 
 Prints forward, backward and optimizer times per step, and the minor page faults and system
 time each step costs: with glibc's default settings every step faults its large tensors back
-in; `demixlab.allocator.keep_freed_memory` (used by `dora run`) avoids that.
+in; `demixlab.training.allocator.keep_freed_memory` (used by `dora run`) avoids that.
 """
 import argparse
 import resource
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from demixlab.allocator import keep_freed_memory
+from demixlab.training.allocator import keep_freed_memory
 from demixlab.models import get_family
 
 SOURCES = ["drums", "bass", "other", "vocals"]

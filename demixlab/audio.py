@@ -1,4 +1,8 @@
 """Audio file reading, writing and conversion (soundfile + julius, no torchaudio needed)."""
+import os
+import shutil
+import subprocess
+import tempfile
 import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +60,43 @@ def read_audio(path: tp.Union[str, Path], offset: int = 0, frames: int = -1) -> 
     return np.ascontiguousarray(data)
 
 
+def load_audio_file(path: tp.Union[str, Path]) -> tp.Tuple[torch.Tensor, int]:
+    """Read a whole audio file as a float32 (C, T) tensor and its sample rate.
+
+    Files soundfile cannot decode go through `ffmpeg` when it is on PATH; otherwise, or when
+    ffmpeg fails too, a :class:`DemixError` names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DemixError(f"{path}: no such file")
+    try:
+        samplerate = int(sf.info(str(path)).samplerate)
+    except Exception:
+        return _load_with_ffmpeg(path)
+    wav = read_audio(path)
+    if wav.shape[-1] == 0:
+        raise DemixError(f"{path}: audio file is empty")
+    return torch.from_numpy(wav), samplerate
+
+
+def _load_with_ffmpeg(path: Path) -> tp.Tuple[torch.Tensor, int]:
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise DemixError(f"{path}: cannot read this audio format (install ffmpeg to read more formats)")
+    with tempfile.TemporaryDirectory(prefix="demixlab-") as folder:
+        decoded = os.path.join(folder, "decoded.wav")
+        result = subprocess.run([ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-acodec", "pcm_f32le",
+                                 "-f", "wav", decoded], capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not os.path.exists(decoded):
+            detail = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise DemixError(f"{path}: cannot read audio, neither soundfile nor ffmpeg decodes it ({detail})")
+        samplerate = int(sf.info(decoded).samplerate)
+        wav = read_audio(decoded)
+    if wav.shape[-1] == 0:
+        raise DemixError(f"{path}: audio file is empty")
+    return torch.from_numpy(wav), samplerate
+
+
 WAV_SUBTYPES = {"int16": "PCM_16", "int24": "PCM_24", "float32": "FLOAT"}
 
 
@@ -82,10 +123,8 @@ def write_audio(path: tp.Union[str, Path], wav: tp.Union[np.ndarray, torch.Tenso
 
 
 def convert_audio(wav: torch.Tensor, from_samplerate: int, to_samplerate: int, channels: int) -> torch.Tensor:
-    """Convert a (..., channels, time) signal to `channels` channels and `to_samplerate` Hz.
-
-    Mono is duplicated to stereo; more channels than wanted are averaged down to mono first.
-    """
+    """Convert a (..., channels, time) signal to `channels` channels (see :func:`convert_channels`)
+    and `to_samplerate` Hz (julius' polyphase resampling)."""
     wav = convert_channels(wav, channels)
     if from_samplerate != to_samplerate:
         wav = julius.resample_frac(wav, from_samplerate, to_samplerate)
@@ -93,7 +132,12 @@ def convert_audio(wav: torch.Tensor, from_samplerate: int, to_samplerate: int, c
 
 
 def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
-    """Change the channel count of a (..., channels, time) signal."""
+    """Change the channel count of a (..., channels, time) signal.
+
+    To mono: the average of all channels. From mono: the channel repeated. From more channels
+    than wanted (e.g. 5.1 to stereo): the first `channels` channels are kept, the others dropped.
+    Fewer channels (but one) than wanted is a :class:`DemixError`.
+    """
     current = wav.shape[-2]
     if current == channels:
         return wav

@@ -27,7 +27,9 @@ import logging
 import re
 import sys
 import typing as tp
+from pathlib import Path
 
+import yaml
 from dora.conf import SlurmConfig
 from dora.explore import Explorer, Herd, Launcher
 from dora.hydra import HydraMain, _compare_config
@@ -44,19 +46,41 @@ from .errors import EXIT_USER_ERROR, DemixError
 logger = logging.getLogger(__name__)
 
 SIGNATURE_PATTERN = re.compile(r"^[0-9a-f]{8}$")
+CONFIG_DIR = Path(__file__).parent / "conf"
+"""The Hydra configuration (config.yaml and its groups), shipped inside the package."""
 
 
 class DemixHydraMain(HydraMain):
-    """Dora's HydraMain with default-group normalisation and one-line override errors."""
+    """Dora's HydraMain with default-group normalisation, one-line override errors and a schema.
+
+    `validate(cfg)`, when given, checks every composed configuration (raising a
+    :class:`DemixError`) before an XP is made of it; its result is not kept, so the schema never
+    changes the configuration that signatures and digests are computed on.
+    """
 
     _default_choices: tp.Optional[tp.Dict[str, str]] = None
 
+    def __init__(self, *args: tp.Any, validate: tp.Optional[tp.Callable[[DictConfig], tp.Any]] = None,
+                 **kwargs: tp.Any):
+        super().__init__(*args, **kwargs)
+        self.validate = validate
+
     def get_xp(self, argv: tp.Sequence[str]) -> XP:
         try:
-            return super().get_xp(argv)
+            xp = super().get_xp(argv)
         except (HydraException, OmegaConfBaseException, AssertionError) as error:
-            print(f"demixlab: error: {self._describe_override_error(argv, error)}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            self._exit(self._describe_override_error(argv, error))
+        if self.validate is not None:
+            try:
+                self.validate(xp.cfg)
+            except DemixError as error:
+                self._exit(str(error))
+        return xp
+
+    @staticmethod
+    def _exit(message: str) -> tp.NoReturn:
+        print(f"demixlab: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
     def _get_base_config(self, overrides: tp.List[str] = []):  # noqa: B006 (matches Dora's signature)
         cfg, delta = super()._get_base_config(overrides)
@@ -104,11 +128,12 @@ class DemixHydraMain(HydraMain):
         return f"invalid overrides {' '.join(argv)}: {message}"
 
 
-def hydra_main(config_name: str, config_path: str, **kwargs) -> tp.Callable:
-    """Wrap the training main; like `dora.hydra_main` (see the module docstring)."""
+def hydra_main(config_name: str, config_path: str,
+               validate: tp.Optional[tp.Callable[[DictConfig], tp.Any]] = None, **kwargs) -> tp.Callable:
+    """Wrap the training main; like `dora.hydra_main` (see the class and module docstrings)."""
 
     def decorator(main: tp.Callable) -> DemixHydraMain:
-        return DemixHydraMain(main, config_name=config_name, config_path=config_path, **kwargs)
+        return DemixHydraMain(main, config_name=config_name, config_path=config_path, validate=validate, **kwargs)
 
     return decorator
 
@@ -177,3 +202,9 @@ def grid_experiments(main: HydraMain, explorer: Explorer) -> tp.List[tp.Tuple[Sh
     explorer(Launcher(Shepherd(main, log=lambda *args: None), main.get_slurm_config(), herd))
     herd.complete()
     return [(sheep, herd.slurm_configs[sig]) for sig, sheep in herd.sheeps.items()]
+
+
+def default_dora_dir() -> Path:
+    """Dora's output folder as configured (`dora.dir` of config.yaml, relative to the current directory)."""
+    with open(CONFIG_DIR / "config.yaml") as stream:
+        return Path(yaml.safe_load(stream)["dora"]["dir"])

@@ -1,5 +1,6 @@
-"""Atomic file writing and safe loading of torch files."""
+"""Atomic file writing and safe loading of torch and JSON files."""
 import contextlib
+import json
 import os
 import tempfile
 import typing as tp
@@ -56,3 +57,20 @@ def load_torch(path: tp.Union[str, Path], map_location: tp.Any = "cpu") -> tp.An
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DemixError(f"{path}: not a valid demixlab torch file ({first_line})") from None
+
+
+def read_json_object(path: tp.Union[str, Path]) -> tp.Optional[tp.Dict[str, tp.Any]]:
+    """The JSON object in `path`, or None when there is no such file.
+
+    Raises :class:`DemixError` naming the file when it is unreadable or not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DemixError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(content, dict):
+        raise DemixError(f"{path}: expected a JSON object")
+    return content

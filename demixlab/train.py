@@ -1,6 +1,8 @@
-"""Training entry point. `dora run [key=value ...]` runs `main` inside a Dora XP.
+"""Training entry point: `dora run [key=value ...]` runs `main` inside a Dora XP.
 
-Also runnable as `python -m demixlab.train [key=value ...]`.
+Dora finds the package by this module (a `train.py` next to `__init__.py`). Also runnable as
+`python -m demixlab.train [key=value ...]`. Every composed configuration is checked against the
+schema (:func:`demixlab.training.config.parse_config`) before an XP is made of it.
 """
 import logging
 from pathlib import Path
@@ -10,11 +12,12 @@ from dora import distrib as dora_distrib
 from dora import XP, get_xp, to_absolute_path
 from omegaconf import DictConfig
 
-from . import distrib
-from .allocator import keep_freed_memory
 from .errors import DemixError, exit_on_user_error
 from .experiment import hydra_main
-from .solver import Solver
+from .training import distrib
+from .training.allocator import keep_freed_memory
+from .training.config import parse_config
+from .training.solver import Solver
 
 logger = logging.getLogger("demixlab.train")
 
@@ -81,7 +84,7 @@ def _train(cfg: DictConfig, xp: XP) -> None:
         solver.close()
 
 
-@hydra_main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra_main(config_path="conf", config_name="config", version_base="1.3", validate=parse_config)
 def main(cfg: DictConfig) -> None:
     """Hydra/Dora main (see `run`)."""
     run(cfg)

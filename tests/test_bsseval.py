@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from demixlab.bsseval import bss_eval_v4, track_metrics
+from demixlab.evaluation.bsseval import bss_eval_v4, track_metrics
 from demixlab.errors import DemixError
 from tests.references import import_reference
 
@@ -157,7 +157,7 @@ def test_cuda_matches_cpu():
 
 
 def test_band_limited_references_warn_that_isr_sir_sar_are_ill_defined(caplog, monkeypatch):
-    import demixlab.bsseval as bsseval
+    import demixlab.evaluation.bsseval as bsseval
     references = clip(2, 2, seed=16)
     spectrum = torch.fft.rfft(references)
     spectrum[..., spectrum.shape[-1] // 4:] = 0  # nothing above 1 kHz: the Gram system is singular

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 import demixlab.audio
-from demixlab.data import DataSplits, build_datasets, resolve_cache_dir
+from demixlab.data import DataSplits, DatasetConfig, ToyConfig, build_datasets, resolve_cache_dir
 from demixlab.data import scan as scan_module
 from demixlab.data.datasets import SegmentDataset, TrackDataset
 from demixlab.data.splits import musdb_validation_tracks
@@ -53,12 +52,14 @@ def make_dataset(root: Path, train: tp.Sequence[str] = ("a", "b", "c"), valid: t
     return root
 
 
-def dset_config(root: tp.Any, **overrides: tp.Any) -> tp.Any:
-    """A `dset` config group for a folder of stems."""
+def dset_config(root: tp.Any, **overrides: tp.Any) -> DatasetConfig:
+    """The `dset` options of a folder of stems."""
     values = {"kind": "stems", "root": str(root) if isinstance(root, Path) else root, "sources": MUSDB_SOURCES,
               "samplerate": SR, "channels": 2, "valid_tracks": []}
     values.update(overrides)
-    return OmegaConf.create(values)
+    if isinstance(values.get("toy"), dict):
+        values["toy"] = ToyConfig(**values["toy"])
+    return DatasetConfig(**values)
 
 
 def build(dset: tp.Any, tmp_path: Path, **kwargs: tp.Any) -> DataSplits:
@@ -211,9 +212,10 @@ def test_error_root_unset(tmp_path, root):
     expect_error(lambda: build(dset_config(root), tmp_path), "dset.root")
 
 
-def test_error_sources_unset(tmp_path):
+@pytest.mark.parametrize("sources", [None, [], "vocals"])
+def test_error_sources_unset(tmp_path, sources):
     root = make_dataset(tmp_path / "data", valid=("v",))
-    expect_error(lambda: build(dset_config(root, sources="???"), tmp_path), "dset.sources")
+    expect_error(lambda: build(dset_config(root, sources=sources), tmp_path), "dset.sources")
 
 
 def test_error_unknown_kind(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from demixlab.errors import DemixError
-from demixlab.models.demucs_transformer import (CrossTransformerEncoder, cape_embedding, sin_embedding,
+from demixlab.models.demucs.transformer import (CrossTransformerEncoder, cape_embedding, sin_embedding,
                                                 sin_embedding_2d)
 from tests.references import import_reference
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from demixlab.errors import DemixError
-from demixlab.evaluation import (aggregate, check_sdr_backend, format_table, global_sdr, max_difference,
+from demixlab.evaluation.metrics import (aggregate, check_sdr_backend, format_table, global_sdr, max_difference,
                                  museval_track, track_scores)
 
 SOURCES = ["drums", "bass"]

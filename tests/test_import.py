@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from demixlab.errors import EXIT_USER_ERROR, DemixError
-from demixlab.importers import import_demucs, import_openunmix, openunmix_target_name, read_demucs_package
-from demixlab.package import load_package, model_from_package
-from demixlab.separate import main as separate_main
+from demixlab.models.demucs.importer import import_demucs, read_demucs_package
+from demixlab.models.openunmix.importer import import_openunmix, openunmix_target_name
+from demixlab.release.model_file import load_package, model_from_package
+from demixlab.commands.separate import main as separate_main
 from tests.references import import_reference
 from tools.import_model import main as import_main
 

@@ -3,25 +3,30 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import open_dict
 
 from demixlab.errors import DemixError
-from demixlab.optim import LearningRateSchedule, ModelEMA, build_optimizer, swapped_weights
+from demixlab.models import SeparationModel
+from demixlab.train import main
+from demixlab.training.config import parse_config
+from demixlab.training.optim import (LearningRateSchedule, ModelEMA, OptimConfig, ParameterGroupConfig,
+                                     SchedulerConfig, build_optimizer, swapped_weights)
 
 
-class TwoParts(torch.nn.Module):
+class TwoParts(SeparationModel):
     def __init__(self):
-        super().__init__()
+        super().__init__(["a"], samplerate=100, audio_channels=1)
         self.body = torch.nn.Linear(3, 3)
         self.transformer = torch.nn.Linear(3, 3)
 
     def parameter_groups(self):
-        return {"transformer": list(self.transformer.parameters())}
+        return {"transformer": {"params": list(self.transformer.parameters())}}
 
 
-def optim_cfg(**overrides):
-    return OmegaConf.create({"optimizer": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0,
-                             "clip_grad": 0.0, "groups": {}, **overrides})
+def optim_cfg(groups=None, **overrides):
+    groups = {name: ParameterGroupConfig(**values) for name, values in (groups or {}).items()}
+    return OptimConfig(**{"optimizer": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0,
+                          "clip_grad": 0.0, "groups": groups, **overrides})
 
 
 def test_named_groups_get_their_own_settings_and_the_rest_the_defaults():
@@ -47,25 +52,29 @@ def test_a_group_keeps_the_model_defaults_unless_the_config_overrides_them():
     assert {g["name"]: g for g in declared.param_groups}["transformer"]["weight_decay"] == 0.1  # null: the model's
 
 
-@pytest.mark.parametrize("groups, message", [
-    ({"attention": {"lr": 1.0}}, "optim.groups.attention: this model has no parameter group 'attention'"),
-    ({"transformer": {"momentum": 0.5}}, "optim.groups.transformer.momentum"),
-])
-def test_bad_group_settings_name_the_key(groups, message):
-    with pytest.raises(DemixError, match=message):
-        build_optimizer(TwoParts(), optim_cfg(groups=groups))
+def test_a_group_the_model_lacks_is_an_error_naming_the_key():
+    with pytest.raises(DemixError, match="optim.groups.attention: this model has no parameter group 'attention'"):
+        build_optimizer(TwoParts(), optim_cfg(groups={"attention": {"lr": 1.0}}))
+
+
+def test_the_schema_names_a_setting_a_group_does_not_have():
+    cfg = main.get_xp(["model=htdemucs"]).cfg
+    with open_dict(cfg):
+        cfg.optim.groups.transformer.momentum = 0.5
+    with pytest.raises(DemixError, match="optim.groups.transformer.momentum"):
+        parse_config(cfg)
 
 
 def test_unknown_optimizer_and_bad_lr_are_user_errors():
     with pytest.raises(DemixError, match="optim.optimizer"):
-        build_optimizer(TwoParts(), optim_cfg(optimizer="sgd"))
+        optim_cfg(optimizer="sgd")
     with pytest.raises(DemixError, match="optim.lr"):
-        build_optimizer(TwoParts(), optim_cfg(lr=0))
+        optim_cfg(lr=0)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     optimizer = build_optimizer(TwoParts(), optim_cfg())
-    schedule = LearningRateSchedule(optimizer, OmegaConf.create({"name": "cosine", "warmup_epochs": 2}), 10, "max")
+    schedule = LearningRateSchedule(optimizer, SchedulerConfig(name="cosine", warmup_epochs=2), 10, "max")
     rates = []
     for epoch in range(10):
         schedule.start_epoch(epoch)
@@ -76,7 +85,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_plateau_schedule_state_round_trips():
-    cfg = OmegaConf.create({"name": "plateau", "factor": 0.5, "patience": 1, "cooldown": 0})
+    cfg = SchedulerConfig(name="plateau", factor=0.5, patience=1, cooldown=0)
     optimizer = build_optimizer(TwoParts(), optim_cfg())
     schedule = LearningRateSchedule(optimizer, cfg, 10, "max")
     for metric in (1.0, 0.5, 0.4):

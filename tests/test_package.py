@@ -7,7 +7,7 @@ import torch
 
 from demixlab.errors import EXIT_USER_ERROR, DemixError
 from demixlab.models import get_family
-from demixlab.package import FORMAT, load_package, model_from_package, package_model, save_package
+from demixlab.release.model_file import FORMAT, load_package, model_from_package, package_model, save_package
 from tools.export import export, main as export_main
 
 SOURCES = ["drums", "bass", "other", "vocals"]

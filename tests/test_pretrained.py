@@ -9,9 +9,9 @@ import soundfile as sf
 import torch
 
 from demixlab.errors import EXIT_USER_ERROR, DemixError
-from demixlab.evaluate_model import scored_sources
+from demixlab.evaluation.loop import scored_sources
 from demixlab.models import get_family
-from demixlab.package import model_from_package, package_model, save_package
+from demixlab.release.model_file import model_from_package, package_model, save_package
 from tests.cli import TINY
 from tools.test_pretrained import main as evaluate_cli
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import yaml
 
-from demixlab.apply import separate
+from demixlab.separation import apply_bag, apply_model
 from demixlab.errors import DemixError
 from demixlab.models import Family, get_family, registry
-from demixlab.package import model_from_package, package_model, save_package
-from demixlab.repository import Repository
+from demixlab.release.model_file import model_from_package, package_model, save_package
+from demixlab.release.repository import Repository
 
 RATE = 44100
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -61,11 +61,11 @@ def test_bag_of_two_families_is_the_per_source_weighted_mix_of_its_models(repo):
     mixture = torch.randn(1, 2, 12000, generator=torch.Generator().manual_seed(0))
     bag = Repository(repo).load("blend")
     assert bag.sources == SOURCES and bag.segment == 0.2
-    out = bag.separate(mixture)
+    out = apply_bag(bag, mixture)
 
     frames = int(0.2 * RATE)
     models = [model_from_package(torch.load(repo / f"{name}.th", weights_only=True)) for name in ("umx_a", "hd_b")]
-    estimates = [separate(model, mixture, segment=frames) for model in models]
+    estimates = [apply_model(model, mixture, segment=frames) for model in models]
     w = torch.tensor(weights)
     expected = sum(w[m][None, :, None, None] * estimates[m] for m in range(2)) / w.sum(0)[None, :, None, None]
     assert out.shape == (1, 4, 2, 12000)
@@ -81,7 +81,7 @@ def test_a_single_model_is_a_one_entry_bag(repo):
     assert [member.name for member in bag.members] == ["umx_a"] and bag.segment is None
     mixture = torch.randn(1, 2, 5000)
     model = model_from_package(torch.load(repo / "umx_a.th", weights_only=True))
-    torch.testing.assert_close(bag.separate(mixture, segment=0.05), separate(model, mixture, segment=2205))
+    torch.testing.assert_close(apply_bag(bag, mixture, segment=0.05), apply_model(model, mixture, segment=2205))
     assert Repository(repo).names() == ["hd_b", "umx_a"]
 
 
@@ -90,11 +90,11 @@ def test_models_with_all_zero_weights_are_neither_built_nor_run(repo, raising_fa
     save_package(package, repo / "raises.th")
     _write_bag(repo, "skip", models=["umx_a", "raises"], weights=[[1, 1, 1, 1], [0, 0, 0, 0]])
     bag = Repository(repo).load("skip")
-    out = bag.separate(torch.randn(1, 2, 4000))
+    out = apply_bag(bag, torch.randn(1, 2, 4000))
     assert out.shape == (1, 4, 2, 4000) and bag.members[1].model is None
     _write_bag(repo, "runs", models=["umx_a", "raises"], weights=[[1, 1, 1, 1], [0, 1, 0, 0]])
     with pytest.raises(AssertionError, match="was built"):  # the test model does raise when used
-        Repository(repo).load("runs").separate(torch.randn(1, 2, 4000))
+        apply_bag(Repository(repo).load("runs"), torch.randn(1, 2, 4000))
 
 
 def test_models_with_different_sources_blend_over_the_union(tmp_path):
@@ -105,7 +105,7 @@ def test_models_with_different_sources_blend_over_the_union(tmp_path):
     assert bag.sources == ["vocals", "accompaniment", "drums"]
     assert bag.members[0].weights == [1.0, 1.0, 0.0]  # "two" lacks drums: weight 0 whatever the file says
     mixture = torch.randn(1, 2, 3000)
-    out = bag.separate(mixture, split=False)
+    out = apply_bag(bag, mixture, split=False)
     first, second = (model_from_package(member.package)(mixture) for member in bag.members)
     torch.testing.assert_close(out[:, 0], (first[:, 0] + second[:, 1]) / 2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[:, 1], first[:, 1], rtol=1e-5, atol=1e-5)

@@ -10,11 +10,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from demixlab.api import Separator, load_track
+from demixlab.audio import load_audio_file
+from demixlab.separation import Separator
 from demixlab.errors import EXIT_USER_ERROR, DemixError
 from demixlab.models import get_family
-from demixlab.package import package_model, save_package
-from demixlab.separate import cli, main
+from demixlab.release.model_file import package_model, save_package
+from demixlab.commands import main as cli
+from demixlab.commands.separate import main
 from tests.cli import TINY, dora
 from tools.export import main as export_main
 
@@ -55,7 +57,7 @@ def test_train_export_and_separate_end_to_end(tmp_path, cache_dir):
     sf.write(mono, np.random.default_rng(0).uniform(-0.5, 0.5, 22050 + 7).astype(np.float32), 22050)
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF....WAVEfmt not really audio")
-    result = _python(tmp_path, "-m", "demixlab.separate", "--repo", "release_models", "-n", sig, str(track),
+    result = _python(tmp_path, "-m", "demixlab", "separate", "--repo", "release_models", "-n", sig, str(track),
                      str(broken), str(mono), "-o", "out", "--no-progress")
     assert result.returncode == EXIT_USER_ERROR
     errors = [line for line in result.stderr.splitlines() if "error" in line]
@@ -182,8 +184,8 @@ def test_a_model_with_a_maximum_segment_runs_in_chunks_of_its_file_segment(tmp_p
 def test_formats_soundfile_cannot_read_go_through_ffmpeg(track, tmp_path, monkeypatch):
     m4a = tmp_path / "song.m4a"
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(track), str(m4a)], check=True)
-    wav, samplerate = load_track(m4a)
+    wav, samplerate = load_audio_file(m4a)
     assert samplerate == 44100 and wav.shape[0] == 2 and abs(wav.shape[1] - 30000) < 3000
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(DemixError, match="song.m4a: cannot read this audio format"):
-        load_track(m4a)
+        load_audio_file(m4a)

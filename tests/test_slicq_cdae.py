@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from demixlab.errors import DemixError
-from demixlab.losses import source_subsets
+from demixlab.models.losses import source_subsets
 from demixlab.models import get_family
-from demixlab.models.slicq_blocks import BlockCDAE, SliCQMaskNetwork, frequency_kernel
-from demixlab.models.slicq_cdae import (REFERENCE_TARGETS, SliCQCDAE, build_slicq_cdae_objective,
+from demixlab.models.slicq.blocks import BlockCDAE, SliCQMaskNetwork, frequency_kernel
+from demixlab.models.slicq.cdae import (REFERENCE_TARGETS, SliCQCDAE, build_slicq_cdae_objective,
                                         calibrate_slicq_cdae, complex_mse, export_onnx, load_reference_state_dict,
                                         mask_sum_loss, sd_sdr_loss)
 from tests.cli import dora, signature
@@ -207,7 +207,7 @@ def test_gradients_reach_every_parameter(audio):
 ])
 def test_objective_rejects_bad_options(options, match):
     with pytest.raises(DemixError, match=match):
-        build_slicq_cdae_objective(SliCQCDAE(SOURCES, 44100, 2, **SMALL), **options)
+        get_family("slicq_cdae").objective(SliCQCDAE(SOURCES, 44100, 2, **SMALL), options)
 
 
 # ---------------------------------------------------------------------------------- realtime
@@ -275,12 +275,15 @@ def test_bad_options_and_short_audio():
 
 def test_family_is_registered_with_the_config_options():
     from omegaconf import OmegaConf
-    config = OmegaConf.load("conf/model/slicq_cdae.yaml")
+
+    from demixlab.experiment import CONFIG_DIR
+
+    config = OmegaConf.load(CONFIG_DIR / "model" / "slicq_cdae.yaml")
     options = {key: value for key, value in OmegaConf.to_container(config.model).items() if key != "family"}
     family = get_family("slicq_cdae")
     model = family.build_model(SOURCES, 44100, 2, options)
     assert isinstance(model, SliCQCDAE) and _count(model) == PUBLISHED_PARAMETERS
-    family.build_objective(model, **OmegaConf.to_container(config.loss))
+    family.objective(model, OmegaConf.to_container(config.loss))
     assert config.optim.optimizer == "adamw" and config.segment == 2.0 and config.amp.enabled
     with pytest.raises(DemixError, match="model.hidden_size"):
         family.build_model(SOURCES, 44100, 2, {"hidden_size": 8})

@@ -6,7 +6,7 @@ from torch import nn
 
 from demixlab.errors import DemixError
 from demixlab.models import get_family
-from demixlab.models.umx import (UMX, OpenUnmixTarget, build_umx_objective, calibrate_umx,
+from demixlab.models.openunmix.umx import (UMX, OpenUnmixTarget, build_umx_objective, calibrate_umx,
                                  clean_reference_state)
 from tests.references import import_reference
 
@@ -264,7 +264,7 @@ def test_objective_is_differentiable():
 ])
 def test_objective_rejects_bad_options(options, match):
     with pytest.raises(DemixError, match=match):
-        build_umx_objective(_small_umx(), **options)
+        get_family("umx").objective(_small_umx(), options)
 
 
 def _numpy_magnitudes(wav: np.ndarray, n_fft: int, hop: int) -> np.ndarray:

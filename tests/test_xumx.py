@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from demixlab.errors import DemixError
-from demixlab.losses import combination_loss, source_subsets, weighted_sdr_loss
+from demixlab.models.losses import combination_loss, source_subsets, weighted_sdr_loss
 from demixlab.models import get_family
-from demixlab.models.umx import UMX, calibrate_umx
-from demixlab.models.xumx import XUMX, build_xumx_objective
+from demixlab.models.openunmix.umx import UMX, calibrate_umx
+from demixlab.models.openunmix.xumx import XUMX, build_xumx_objective
 from tests.references import import_reference
 from tests.cli import TINY, dora, signature
 from tests.test_umx import PARAMS_PER_TARGET, SOURCES, _randomise
@@ -283,7 +283,7 @@ def test_time_domain_term_reaches_every_parameter():
 ])
 def test_objective_rejects_bad_options(options, match):
     with pytest.raises(DemixError, match=match):
-        build_xumx_objective(_tiny_xumx(), **options)
+        get_family("xumx").objective(_tiny_xumx(), options)
 
 
 def test_objective_needs_two_sources():

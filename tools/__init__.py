@@ -1,1 +1,1 @@
-"""Command-line tools, run from the repository root as `python -m tools.NAME`."""
+"""Shims kept for older scripts: `python -m tools.NAME` runs the matching `demixlab` subcommand."""

@@ -1,0 +1,4 @@
+"""`python -m demixlab ...` is the `demixlab` command."""
+from .commands import main
+
+main()

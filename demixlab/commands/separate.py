@@ -1,0 +1,130 @@
+"""`demixlab separate --repo DIR -n NAME TRACK [TRACK ...]`: separate tracks with a model or bag.
+
+Tracks are separated one after the other;
+`--jobs N` separates N chunks of a track in parallel threads (memory grows with N chunks of
+activations, not with the track). A track that cannot be read or separated is reported in one
+line and skipped; the others are still written, and the exit code is then non-zero.
+"""
+import argparse
+import sys
+import typing as tp
+from pathlib import Path
+
+import tqdm
+import yaml
+
+from ..audio import load_audio_file, write_audio
+from ..errors import EXIT_USER_ERROR, DemixError, exit_on_user_error
+from ..separation import Separator
+from ..separation.output import CLIP_MODES, prevent_clip, select_stems
+
+HELP = "separate tracks with a model or bag of a repository"
+
+
+def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """The options of `demixlab separate`."""
+    parser = parser or argparse.ArgumentParser(prog="demixlab separate", description=HELP)
+    parser.add_argument("tracks", nargs="+", type=Path, help="audio files (any format soundfile or ffmpeg reads)")
+    parser.add_argument("--repo", type=Path, default=Path("release_models"),
+                        help="folder of model files and bags (default: release_models)")
+    parser.add_argument("-n", "--name", required=True, help="model or bag of the repository")
+    parser.add_argument("-o", "--out", type=Path, default=Path("separated"), help="output folder (default: separated)")
+    parser.add_argument("--filename", default="{track}/{stem}.{ext}",
+                        help="output path under --out; keys {track} (input name without extension), {trackext}, "
+                             "{stem}, {ext}, {name} (default: {track}/{stem}.{ext})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: CUDA when available (default)")
+    parser.add_argument("--segment", type=float, default=None,
+                        help="seconds per chunk (default: the bag's, else the model file's, else 30)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="chunk overlap fraction (default: 0.25)")
+    parser.add_argument("--shifts", type=int, default=0, help="random shifts averaged (default: 0)")
+    parser.add_argument("--no-split", action="store_true", help="run whole tracks at once (more memory)")
+    parser.add_argument("--two-stems", metavar="STEM", help="write STEM and no_STEM (the mixture minus STEM)")
+    parser.add_argument("--stems", help="comma-separated stems to write (default: all)")
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--flac", action="store_true", help="write FLAC")
+    fmt.add_argument("--mp3", action="store_true", help="write MP3")
+    depth = parser.add_mutually_exclusive_group()
+    depth.add_argument("--int24", action="store_true", help="24-bit WAV/FLAC (default: 16-bit)")
+    depth.add_argument("--float32", action="store_true", help="32-bit float WAV")
+    parser.add_argument("--clip-mode", choices=CLIP_MODES, default="rescale",
+                        help="avoid clipping: rescale a stem whose peak exceeds 1, clamp it, or none "
+                             "(default: rescale)")
+    parser.add_argument("--jobs", type=int, default=1, help="chunks separated in parallel threads (default: 1)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model option stored in the model file, e.g. wiener_iterations=0 for "
+                             "UMX/X-UMX (repeatable; VALUE is read as YAML)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random shifts")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_options(options: tp.Sequence[str]) -> tp.Dict[str, tp.Any]:
+    """`["wiener_iterations=0", "softmask=true"]` -> `{"wiener_iterations": 0, "softmask": True}`."""
+    parsed: tp.Dict[str, tp.Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise DemixError(f"--option {option!r}: expected KEY=VALUE, e.g. wiener_iterations=0")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise DemixError(f"--option {option!r}: {value!r} is not a valid YAML value") from None
+    return parsed
+
+
+def run(args: argparse.Namespace) -> None:
+    """Separate every track of `args`; exits non-zero when some track failed."""
+    ext = "flac" if args.flac else "mp3" if args.mp3 else "wav"
+    subtype = "int24" if args.int24 else "float32" if args.float32 else "int16"
+    if args.float32 and ext != "wav":
+        raise DemixError("--float32 is for WAV output only")
+    if args.two_stems and args.stems:
+        raise DemixError("--two-stems and --stems cannot be combined")
+    if args.jobs < 1:
+        raise DemixError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.shifts < 0:
+        raise DemixError(f"--shifts must be >= 0, got {args.shifts}")
+    if args.segment is not None and args.segment <= 0:
+        raise DemixError(f"--segment must be a positive number of seconds, got {args.segment}")
+    separator = Separator(args.repo, args.name, device=args.device, segment=args.segment, split=not args.no_split,
+                          overlap=args.overlap, shifts=args.shifts, jobs=args.jobs, progress=not args.no_progress,
+                          seed=args.seed, overrides=parse_options(args.option))
+    wanted = [stem.strip() for stem in args.stems.split(",") if stem.strip()] if args.stems else None
+    for stem in ([args.two_stems] if args.two_stems else []) + (wanted or []):
+        if stem not in separator.sources:
+            raise DemixError(f"unknown stem {stem!r} for {args.name}: choose among {', '.join(separator.sources)}")
+    _check_template(args.filename)
+
+    failures = 0
+    for track in tqdm.tqdm(args.tracks, desc="tracks", unit="track", disable=args.no_progress or len(args.tracks) < 2):
+        try:
+            mixture, samplerate = load_audio_file(track)
+            stems = separator.separate_tensor(mixture, samplerate)
+            stems = select_stems(stems, mixture, args.two_stems, wanted)
+            for stem, wav in stems.items():
+                target = args.out / args.filename.format(track=track.stem, trackext=track.name, stem=stem, ext=ext,
+                                                         name=args.name)
+                write_audio(target, prevent_clip(wav, args.clip_mode), samplerate, subtype=subtype)
+            tqdm.tqdm.write(f"{track}: {len(stems)} stems written to {args.out / track.stem}"
+                            if args.filename.startswith("{track}/") else f"{track}: {len(stems)} stems written",
+                            file=sys.stderr)
+        except DemixError as error:
+            failures += 1
+            print(f"demixlab: error: {error}", file=sys.stderr, flush=True)
+    if failures:
+        print(f"demixlab: {failures} of {len(args.tracks)} track(s) failed", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _check_template(template: str) -> None:
+    try:
+        template.format(track="t", trackext="t.wav", stem="s", ext="wav", name="n")
+    except (KeyError, IndexError, ValueError) as error:
+        raise DemixError(f"--filename {template!r}: bad template ({error!r}); keys: track, trackext, stem, ext, "
+                         "name") from None
+
+
+@exit_on_user_error
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
+    """`demixlab separate` on its own (see the module docstring)."""
+    run(build_parser().parse_args(argv))

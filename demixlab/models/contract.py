@@ -1,0 +1,118 @@
+"""The model contract: what every family's model offers the rest of demixlab.
+
+The solver, the chunked separation, bags and model files only use what :class:`SeparationModel`
+declares. A family's model subclasses it and overrides the optional hooks it needs; nothing
+outside a family probes a model for attributes. An importer (a family's optional way to read
+weights written by another implementation) returns an :class:`ImportedModel`.
+"""
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import DemixError
+
+# {"params": [...], "lr": float or None, "weight_decay": float or None}: a named optimizer group.
+ParameterGroup = tp.Dict[str, tp.Any]
+PathLike = tp.Union[str, Path]
+
+# The order demixlab's datasets use for MUSDB's four sources.
+MUSDB_SOURCES = ("drums", "bass", "other", "vocals")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a one-line :class:`DemixError` with `message` unless `condition` holds."""
+    if not condition:
+        raise DemixError(message)
+
+
+def check_model_io(sources: tp.Sequence[str], samplerate: int, audio_channels: int) -> None:
+    """The checks every model starts with: distinct source names, a positive rate, channels."""
+    require(len(sources) > 0 and len(set(sources)) == len(sources),
+            f"sources must be a non-empty list of distinct names, got {list(sources)}")
+    require(samplerate > 0, f"samplerate must be positive, got {samplerate}")
+    require(audio_channels >= 1, f"audio_channels must be at least 1, got {audio_channels}")
+
+
+class SeparationModel(nn.Module):
+    """Base class of every family's model: a (B, C, T) mixture in, (B, S, C, T) stems out.
+
+    Args:
+        sources: names of the stems, in output order (distinct).
+        samplerate: the rate the model runs at, in Hz.
+        audio_channels: channels C of the mixture and of every stem.
+
+    `forward(mixture)` must accept any length T the model supports in eval mode and return
+    estimates of the same length. A family's objective may call its own model with extra keyword
+    arguments (e.g. `for_loss=True`); everything else calls `forward(mixture)` only.
+
+    Optional hooks, whose defaults suit a model that takes any length as it is:
+
+    - :meth:`valid_length`: the input length to run for `length` samples; the chunked separation
+      pads each chunk (centred, with real neighbouring samples) to it and crops the estimate.
+    - :attr:`chunk_seconds`: seconds per chunk when separating long signals (stored in model files).
+    - :meth:`parameter_groups`: named parameter groups with their own learning rate or weight
+      decay (`optim.groups.NAME.*` overrides them).
+    """
+
+    def __init__(self, sources: tp.Sequence[str], samplerate: int, audio_channels: int):
+        super().__init__()
+        check_model_io(list(sources), samplerate, audio_channels)
+        self.sources: tp.List[str] = list(sources)
+        self.samplerate = int(samplerate)
+        self.audio_channels = int(audio_channels)
+
+    def forward(self, mixture: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every family overrides it
+        """Separate a (B, C, T) mixture into (B, S, C, T) stems."""
+        raise NotImplementedError
+
+    def valid_length(self, length: int) -> int:
+        """The input length to run for `length` samples (default: `length` itself)."""
+        return length
+
+    @property
+    def chunk_seconds(self) -> tp.Optional[float]:
+        """Seconds per chunk when separating a long signal, or None to let the caller choose."""
+        return None
+
+    def parameter_groups(self) -> tp.Dict[str, ParameterGroup]:
+        """Named optimizer groups besides the default one (default: none)."""
+        return {}
+
+
+@dataclass
+class ImportedModel:
+    """Weights converted from another implementation: what a model file needs, plus its origin.
+
+    Attributes:
+        family: the registry name of the family the weights load into.
+        kwargs: the family's constructor options.
+        state: the weights, in the family's state-dict format.
+        sources, samplerate, audio_channels: as :class:`SeparationModel`'s.
+        segment: seconds per chunk when separating (None: the model's own choice).
+        origin: where the weights came from (format, files), recorded in the model file.
+        checked: the state was already loaded into the family's model with `strict=True`.
+    """
+
+    family: str
+    kwargs: tp.Dict[str, tp.Any]
+    state: tp.Dict[str, torch.Tensor]
+    sources: tp.List[str]
+    samplerate: int
+    audio_channels: int
+    segment: tp.Optional[float] = None
+    origin: tp.Dict[str, tp.Any] = field(default_factory=dict)
+    checked: bool = False
+
+
+# importer(paths) -> ImportedModel: the files or folders a user names on `demixlab import FORMAT`.
+Importer = tp.Callable[[tp.Sequence[Path]], ImportedModel]
+
+
+def single_path(paths: tp.Sequence[PathLike], format_name: str) -> Path:
+    """The one file or folder an importer of `format_name` takes, or a :class:`DemixError`."""
+    if len(paths) != 1:
+        raise DemixError(f"{format_name}: expected one model file or folder, got {len(paths)}")
+    return Path(paths[0])

@@ -1,0 +1,277 @@
+"""Open-Unmix (Stöter et al. 2019): one spectrogram-masking network per source.
+
+Each target network maps the mixture magnitude spectrogram to a source magnitude estimate
+(a non-negative mask times the mixture). At inference the estimates drive a multichannel
+Wiener filter on the mixture STFT, followed by the inverse STFT.
+
+Layouts: waveforms (B, C, T) and (B, S, C, T); spectrograms (B, C, F, N) and (B, S, C, F, N),
+with F = n_fft // 2 + 1 bins and N = T // hop_length + 1 frames.
+
+With `residual=True` the last name in `sources` gets no network: it is estimated as the
+mixture minus the other sources (see :class:`UMX`).
+"""
+import logging
+import typing as tp
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import DemixError
+from ...spectral import STFT, bandwidth_to_max_bin, wiener
+from ..contract import SeparationModel, require
+from ..losses import Objective, parse_source_weights
+
+logger = logging.getLogger(__name__)
+
+# Keys that old Open-Unmix checkpoints carry next to the network weights.
+_REFERENCE_EXTRA_KEYS = ("stft.window", "transform.0.window", "sample_rate")
+
+
+class OpenUnmixTarget(nn.Module):
+    """The Open-Unmix network of one target.
+
+    Its state dict has exactly the keys of `openunmix.model.OpenUnmix`, so published target
+    weights load with `strict=True` (after :func:`clean_reference_state`).
+
+    Args:
+        nb_bins: frequency bins F of the spectrograms (n_fft // 2 + 1).
+        nb_channels: audio channels C.
+        hidden_size: width of the bottleneck layers.
+        nb_layers: LSTM layers.
+        unidirectional: causal LSTM of `hidden_size` units instead of a bidirectional one
+            of `hidden_size // 2` units per direction.
+        max_bin: bins seen by the network (the output always covers all `nb_bins`).
+    """
+
+    def __init__(self, nb_bins: int = 2049, nb_channels: int = 2, hidden_size: int = 512, nb_layers: int = 3,
+                 unidirectional: bool = False, max_bin: tp.Optional[int] = None):
+        super().__init__()
+        self.nb_bins = nb_bins
+        self.max_bin = max_bin or nb_bins
+        self.nb_channels = nb_channels
+        self.hidden_size = hidden_size
+
+        # Input normalisation: x -> (x + input_mean) * input_scale, so input_mean holds the
+        # negated data mean and input_scale its reciprocal std (see `set_input_statistics`).
+        self.input_mean = nn.Parameter(torch.zeros(self.max_bin))
+        self.input_scale = nn.Parameter(torch.ones(self.max_bin))
+        self.output_scale = nn.Parameter(torch.ones(nb_bins))
+        self.output_mean = nn.Parameter(torch.ones(nb_bins))
+
+        self.fc1 = nn.Linear(nb_channels * self.max_bin, hidden_size, bias=False)
+        self.bn1 = nn.BatchNorm1d(hidden_size)
+        self.lstm = nn.LSTM(
+            input_size=hidden_size,
+            hidden_size=hidden_size if unidirectional else hidden_size // 2,
+            num_layers=nb_layers,
+            bidirectional=not unidirectional,
+            batch_first=True,
+            dropout=0.4 if nb_layers > 1 else 0.0,
+        )
+        self.fc2 = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.bn2 = nn.BatchNorm1d(hidden_size)
+        self.fc3 = nn.Linear(hidden_size, nb_channels * nb_bins, bias=False)
+        self.bn3 = nn.BatchNorm1d(nb_channels * nb_bins)
+
+    def set_input_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Normalise inputs with per-bin statistics of shape (nb_bins,) (cropped to max_bin)."""
+        with torch.no_grad():
+            self.input_mean.copy_(-mean[:self.max_bin])
+            self.input_scale.copy_(1.0 / std[:self.max_bin])
+
+    def forward(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
+        """Mixture magnitude (B, C, F, N) -> estimated target magnitude (B, C, F, N)."""
+        return self.decode(self.temporal(self.encode(mix_magnitude)), mix_magnitude)
+
+    # The three stages of `forward`, public so that X-UMX can bridge targets between them.
+    def encode(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
+        """Mixture magnitude (B, C, F, N) -> frame features (B, N, hidden_size) in [-1, 1]:
+        the normalised frames below `max_bin` through fc1, bn1 and tanh."""
+        batch, channels, _, frames = mix_magnitude.shape
+        # Frame vectors: (B, N, C, max_bin), flattened to (B * N, C * max_bin) for the dense layers.
+        x = mix_magnitude[:, :, :self.max_bin].permute(0, 3, 1, 2)
+        x = (x + self.input_mean) * self.input_scale
+        x = self.fc1(x.reshape(batch * frames, channels * self.max_bin))
+        return torch.tanh(self.bn1(x)).reshape(batch, frames, self.hidden_size)
+
+    def temporal(self, features: torch.Tensor) -> torch.Tensor:
+        """Frame features (B, N, hidden_size) -> (B, N, 2 * hidden_size): the features next to
+        the LSTM's output (the skip connection)."""
+        recurrent, _ = self.lstm(features)
+        return torch.cat([features, recurrent], dim=-1)
+
+    def decode(self, features: torch.Tensor, mix_magnitude: torch.Tensor) -> torch.Tensor:
+        """Features (B, N, 2 * hidden_size) -> target magnitude (B, C, F, N): fc2/bn2/relu and
+        fc3/bn3 give a non-negative mask (after output scaling) that multiplies the mixture."""
+        batch, channels, bins, frames = mix_magnitude.shape
+        x = features.reshape(batch * frames, 2 * self.hidden_size)
+        x = F.relu(self.bn2(self.fc2(x)))
+        x = self.bn3(self.fc3(x)).reshape(batch, frames, channels, bins)
+        mask = F.relu(x * self.output_scale + self.output_mean).permute(0, 2, 3, 1)
+        # The mask multiplies the mixture, whose gradient is not followed.
+        return mask * mix_magnitude.detach()
+
+
+def clean_reference_state(state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, torch.Tensor]:
+    """Drop the non-network entries (STFT window, sample rate) that old Open-Unmix target
+    checkpoints carry, so the rest loads into :class:`OpenUnmixTarget` with `strict=True`."""
+    return {key: value for key, value in state.items() if key not in _REFERENCE_EXTRA_KEYS}
+
+
+class UMX(SeparationModel):
+    """Open-Unmix separation model: one :class:`OpenUnmixTarget` per source, trained together.
+
+    `forward(mixture)` separates (B, C, T) waveforms into (B, S, C, T) waveforms (S in `sources`
+    order) by multichannel Wiener filtering of the mixture STFT; `forward(mixture, for_loss=True)`
+    returns the magnitude estimates (B, S, C, F, N) that the objective compares to the sources'.
+
+    With `residual=True` the last source has no network: its estimate is the mixture minus the
+    others, taken before the Wiener EM iterations (so EM still models it as a source). Its
+    magnitude in the `for_loss` output is `| |X| - sum of the other estimates |` (the residual
+    with the mixture phase) and it is left out of the training loss.
+
+    The window of `wiener_window` frames bounds memory on long tracks; each window gets its own
+    spatial model (as in Open-Unmix), so it affects the output when `wiener_iterations > 0`.
+    The Wiener filter runs in the mixture's dtype: pass float64 audio for double precision.
+    """
+
+    def __init__(self, sources: tp.List[str], samplerate: int, audio_channels: int, *, n_fft: int = 4096,
+                 hop_length: int = 1024, hidden_size: int = 512, nb_layers: int = 3, unidirectional: bool = False,
+                 bandwidth: float = 16000.0, wiener_iterations: int = 1, wiener_window: tp.Optional[int] = 300,
+                 softmask: bool = False, residual: bool = False):
+        super().__init__(sources, samplerate, audio_channels)
+        sources = self.sources
+        require(n_fft >= 2, f"model.n_fft must be at least 2, got {n_fft}")
+        require(0 < hop_length <= n_fft, f"model.hop_length must be in [1, model.n_fft={n_fft}], got {hop_length}")
+        require(hidden_size >= 1, f"model.hidden_size must be positive, got {hidden_size}")
+        require(unidirectional or hidden_size % 2 == 0,
+               f"model.hidden_size must be even with a bidirectional LSTM, got {hidden_size}")
+        require(nb_layers >= 1, f"model.nb_layers must be at least 1, got {nb_layers}")
+        require(0 < bandwidth <= samplerate / 2,
+               f"model.bandwidth must be in (0, {samplerate / 2:g}] Hz (half the sample rate), got {bandwidth:g}")
+        require(wiener_iterations >= 0, f"model.wiener_iterations must be >= 0, got {wiener_iterations}")
+        require(wiener_window is None or wiener_window >= 1,
+               f"model.wiener_window must be a positive number of frames or null, got {wiener_window}")
+        require(not residual or len(sources) >= 2,
+               f"model.residual needs at least two sources (the last one is the residual), got {sources}")
+
+        self.wiener_iterations = wiener_iterations
+        self.wiener_window = wiener_window
+        self.softmask = softmask
+        self.residual = residual
+        # Sources with a network, in `sources` order (all but the last with `residual`).
+        self.network_sources = sources[:-1] if residual else list(sources)
+
+        self.stft = STFT(n_fft, hop_length)
+        self.nb_bins = self.stft.nb_bins
+        self.max_bin = bandwidth_to_max_bin(samplerate, n_fft, bandwidth)
+        self.targets = nn.ModuleDict({
+            name: OpenUnmixTarget(nb_bins=self.nb_bins, nb_channels=audio_channels, hidden_size=hidden_size,
+                                  nb_layers=nb_layers, unidirectional=unidirectional, max_bin=self.max_bin)
+            for name in self.network_sources
+        })
+
+    def set_input_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set every target's input normalisation from per-bin mixture magnitude statistics (F,)."""
+        if mean.shape != (self.nb_bins,) or std.shape != (self.nb_bins,):
+            raise ValueError(f"expected statistics of shape ({self.nb_bins},), got {tuple(mean.shape)} "
+                             f"and {tuple(std.shape)}")
+        for target in self.targets.values():
+            target.set_input_statistics(mean, std)
+
+    def target_magnitudes(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
+        """Mixture magnitude (B, C, F, N) -> the estimates of the networked sources (B, S', C, F, N)."""
+        return torch.stack([target(mix_magnitude) for target in self.targets.values()], dim=1)
+
+    def forward(self, mixture: torch.Tensor, for_loss: bool = False) -> torch.Tensor:
+        """Separate (B, C, T) -> (B, S, C, T); with `for_loss`, magnitudes (B, S, C, F, N)."""
+        mix_stft = self.stft(mixture)
+        mix_magnitude = mix_stft.abs()
+        estimates = self.target_magnitudes(mix_magnitude)
+        if for_loss:
+            if self.residual:
+                rest = (mix_magnitude - estimates.sum(dim=1)).abs()
+                estimates = torch.cat([estimates, rest.unsqueeze(1)], dim=1)
+            return estimates
+        source_stfts = wiener(estimates, mix_stft, self.wiener_iterations, softmask=self.softmask,
+                              residual=self.residual, window=self.wiener_window)
+        return self.stft.inverse(source_stfts, length=mixture.shape[-1])
+
+
+def build_umx_objective(model: UMX, *, source_weights: tp.Optional[tp.Dict[str, float]] = None) -> Objective:
+    """Open-Unmix's objective: mean squared error between estimated and true source magnitudes.
+
+    `loss` is the mean over the networked sources of each source's MSE (a weighted mean with
+    `source_weights={name: weight}`, missing names weighing 1). Each source's MSE is also
+    reported, detached, as `loss_<name>` (including a residual source, which is not trained).
+    """
+    weights = _network_source_weights(model, source_weights)
+    sources = list(model.sources)
+    trained = [sources.index(name) for name in model.network_sources]
+    # Our own STFT (same settings): at call time `model` may be wrapped (DDP), so only call it.
+    stft = STFT(model.stft.n_fft, model.stft.hop_length)
+
+    def objective(model: nn.Module, mixture: torch.Tensor, references: torch.Tensor) -> tp.Dict[str, torch.Tensor]:
+        estimates = model(mixture, for_loss=True)
+        with torch.no_grad():
+            targets = stft(references).abs()
+        errors = ((estimates - targets) ** 2).mean(dim=(0, 2, 3, 4))  # (S,)
+        weight = torch.tensor(weights, dtype=errors.dtype, device=errors.device)
+        loss = (errors[trained] * weight).sum() / weight.sum()
+        metrics = {"loss": loss}
+        for index, name in enumerate(sources):
+            metrics[f"loss_{name}"] = errors[index].detach()
+        return metrics
+
+    return objective
+
+
+def _network_source_weights(model: UMX, weights: tp.Optional[tp.Mapping[str, float]]) -> tp.List[float]:
+    """Weights of the networked sources, in order (a residual source has no network to weight)."""
+    residual = [name for name in (weights or {}) if name in model.sources and name not in model.network_sources]
+    if residual:
+        raise DemixError(f"loss.source_weights: {residual[0]!r} is the residual source (model.residual), "
+                         "it has no network to weight")
+    all_weights = parse_source_weights(model.sources, weights)
+    networked = [all_weights[model.sources.index(name)] for name in model.network_sources]
+    if sum(networked) <= 0:
+        raise DemixError("loss.source_weights: at least one source must have a positive weight")
+    return networked
+
+
+def calibrate_umx(model: UMX, batches: tp.Iterable[tp.Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Set the input normalisation of every target from training data.
+
+    Per-bin mean and std of the mixture magnitude (averaged over channels) over all frames of
+    all batches, the std floored at 1e-4 times its maximum, as Open-Unmix's `get_statistics`.
+    """
+    count = 0
+    mean: tp.Optional[torch.Tensor] = None
+    sum_squares: tp.Optional[torch.Tensor] = None  # sum of squared deviations from `mean`
+    with torch.no_grad():
+        for mixture, _ in batches:
+            frames = model.stft(mixture).abs().mean(dim=-3).double()  # (B, F, N)
+            frames = frames.transpose(-1, -2).reshape(-1, frames.shape[-2])
+            batch_count = frames.shape[0]
+            batch_mean = frames.mean(dim=0)
+            batch_squares = ((frames - batch_mean) ** 2).sum(dim=0)
+            if mean is None or sum_squares is None:
+                mean, sum_squares = batch_mean, batch_squares
+            else:
+                # Chan et al.'s pairwise update of mean and sum of squared deviations.
+                delta = batch_mean - mean
+                total = count + batch_count
+                mean = mean + delta * batch_count / total
+                sum_squares = sum_squares + batch_squares + delta ** 2 * count * batch_count / total
+            count += batch_count
+    if mean is None or sum_squares is None or count == 0:
+        raise DemixError("cannot calibrate the umx model: no training batches")
+    std = (sum_squares / count).sqrt()
+    if float(std.max()) == 0:
+        raise DemixError("cannot calibrate the umx model: the training mixtures are silent")
+    std = torch.clamp(std, min=1e-4 * float(std.max()))
+    model.set_input_statistics(mean, std)
+    logger.info("umx input statistics from %d frames: mean magnitude %.4g, mean std %.4g",
+                count, float(mean.mean()), float(std.mean()))
+

@@ -1,0 +1,12 @@
+"""Separation: running models and bags on audio of any length, in bounded memory.
+
+Owns the chunked overlap-add application of a model (:mod:`.chunking`), running a bag of models
+blended per source (:mod:`.bags`), the Python API (:class:`.separator.Separator`: any rate and
+channel count in, stems out) and what gets written (:mod:`.output`). Imports
+:mod:`demixlab.release`, :mod:`demixlab.models` and the base modules.
+"""
+from .bags import apply_bag, bag_separator
+from .chunking import apply_model
+from .separator import Separator, resolve_device
+
+__all__ = ["Separator", "apply_bag", "apply_model", "bag_separator", "resolve_device"]

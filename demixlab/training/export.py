@@ -1,0 +1,68 @@
+"""Export trained XPs as model files (`demixlab export SIG [SIG ...]`).
+
+Only the XP's checkpoint is read (no dataset is built): its best weights (the best of the raw and
+EMA weights; the current weights when no best was recorded yet) become `OUT/SIG.th`, or
+`OUT/SIG-<sha256[:8]>.th` with `sign` (the first 8 hex digits of the file's SHA-256). `half`
+stores float16 weights. An XP whose training is not finished is exported with a warning. The
+model file's `segment` is the model's :attr:`~demixlab.models.SeparationModel.chunk_seconds`.
+"""
+import hashlib
+import io
+import logging
+import typing as tp
+from pathlib import Path
+
+import torch
+
+from ..errors import DemixError
+from ..experiment import default_dora_dir, parse_signature
+from ..files import atomic_path
+from ..release.model_file import load_package, model_from_package, package_model
+from .checkpoint import CHECKPOINT_NAME, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def find_xp_folder(signature: str, dora_dir: tp.Optional[Path] = None) -> Path:
+    """The folder of the XP with this signature: `DORA_DIR/xps/SIG`, where Dora's folder defaults
+    to the configured `dora.dir` (outputs/ under the current directory)."""
+    folder = Path(dora_dir if dora_dir is not None else default_dora_dir()) / "xps" / signature
+    if not folder.is_dir():
+        raise DemixError(f"unknown experiment {signature}: no folder {folder} (run the export from the "
+                         "directory `dora run` ran in, or pass --dora-dir)")
+    return folder
+
+
+def export(signature: tp.Any, out: Path, sign: bool = False, half: bool = False,
+           dora_dir: tp.Optional[Path] = None) -> Path:
+    """Write the model file of one XP and return its path."""
+    signature = parse_signature(signature, "SIG")
+    folder = find_xp_folder(signature, dora_dir)
+    checkpoint_path = folder / CHECKPOINT_NAME
+    if not checkpoint_path.is_file():
+        raise DemixError(f"experiment {signature} has no checkpoint yet ({checkpoint_path}): train it first")
+    checkpoint = read_checkpoint(checkpoint_path)
+    if not checkpoint.get("done"):
+        logger.warning("experiment %s has not finished training (%d epochs so far): exporting its best "
+                       "weights so far", signature, len(checkpoint.get("history") or []))
+    state = checkpoint.get("best_state") or checkpoint["model"]
+    history = checkpoint.get("history") or []
+    metrics = history[-1] if history else None
+    package = package_model(
+        checkpoint["family"], checkpoint["model_options"], state, sources=checkpoint["sources"],
+        samplerate=checkpoint["samplerate"], audio_channels=checkpoint["audio_channels"],
+        config=checkpoint.get("config"), signature=signature, metrics=metrics,
+        origin={"kind": "xp", "folder": str(folder.resolve())}, half=half)
+    model = model_from_package(package)  # checks that the weights fit the model they describe
+    package["segment"] = model.chunk_seconds
+    del model
+
+    buffer = io.BytesIO()
+    torch.save(package, buffer)
+    data = buffer.getvalue()
+    name = f"{signature}-{hashlib.sha256(data).hexdigest()[:8]}" if sign else signature
+    path = Path(out) / f"{name}.th"
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    load_package(path)  # what we wrote reads back the safe way
+    return path

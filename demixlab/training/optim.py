@@ -1,0 +1,195 @@
+"""Optimizers, learning-rate schedules and exponential moving averages of weights, with the
+schema of their configuration sections (`optim`, `scheduler`, `ema`)."""
+import contextlib
+import math
+import typing as tp
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DemixError
+from ..models import SeparationModel
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULERS = ("none", "plateau", "cosine")
+
+
+@dataclass
+class ParameterGroupConfig:
+    """`optim.groups.NAME`: a model parameter group's own settings (null: the model's default)."""
+
+    lr: tp.Optional[float] = None
+    weight_decay: tp.Optional[float] = None
+
+
+@dataclass
+class OptimConfig:
+    """`optim`: the optimizer and its per-group settings."""
+
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    betas: tp.List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-5
+    clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
+    groups: tp.Dict[str, ParameterGroupConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise DemixError(f"optim.optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if not self.lr > 0:
+            raise DemixError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise DemixError(f"optim.betas must be two numbers [beta1, beta2], got {list(self.betas)}")
+        if self.clip_grad < 0:
+            raise DemixError(f"optim.clip_grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
+
+
+@dataclass
+class SchedulerConfig:
+    """`scheduler`: the per-epoch learning-rate schedule."""
+
+    name: str = "plateau"  # none | plateau | cosine
+    factor: float = 0.3  # plateau: lr multiplier
+    patience: int = 80  # plateau: epochs without improvement of `best.metric`
+    cooldown: int = 10  # plateau
+    warmup_epochs: int = 0  # cosine: linear warm-up epochs
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULERS:
+            raise DemixError(f"scheduler.name={self.name!r}: choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class EmaConfig:
+    """`ema`: exponential moving averages of the weights, validated next to the raw weights."""
+
+    decays: tp.List[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for decay in self.decays:
+            if not 0 < decay < 1:
+                raise DemixError(f"ema.decays must be in (0, 1), got {decay}")
+
+
+def build_optimizer(model: SeparationModel, optim: OptimConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over the model's trainable parameters.
+
+    The model's `parameter_groups()` returns {name: {"params": parameters, "lr": ...,
+    "weight_decay": ...}} (the model's own defaults for that group, e.g. a transformer's).
+    `optim.groups.NAME.lr` / `.weight_decay` override them when not null; all other parameters
+    form the `default` group with `optim.lr` and `optim.weight_decay`.
+    """
+    named = {name: dict(group) for name, group in model.parameter_groups().items()}
+    for name in optim.groups:
+        if name not in named:
+            raise DemixError(f"optim.groups.{name}: this model has no parameter group {name!r} "
+                             f"(groups: {', '.join(named) or 'none'})")
+    grouped = {id(param) for group in named.values() for param in group["params"]}
+    groups = [{"name": "default", "params": [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]}]
+    for name, group in named.items():
+        group = {key: value for key, value in group.items() if value is not None}
+        settings = optim.groups.get(name)
+        if settings is not None:
+            group.update({key: float(value) for key, value in
+                          (("lr", settings.lr), ("weight_decay", settings.weight_decay)) if value is not None})
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+        groups.append({"name": name, **group})
+    optimizer = OPTIMIZERS[optim.optimizer]([group for group in groups if group["params"]], lr=float(optim.lr),
+                                            betas=tuple(optim.betas), weight_decay=float(optim.weight_decay))
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return optimizer
+
+
+class LearningRateSchedule:
+    """Per-epoch learning rate: constant, reduce-on-plateau of the best metric, or cosine decay
+    with linear warm-up. `state_dict` holds only plain values (safe to load with weights_only)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: SchedulerConfig, epochs: int, mode: str):
+        self.optimizer = optimizer
+        self.name = scheduler.name
+        self.epochs = epochs
+        self.warmup_epochs = int(scheduler.warmup_epochs)
+        self.plateau: tp.Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
+        if self.name == "plateau":
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=mode, factor=float(scheduler.factor), patience=int(scheduler.patience),
+                cooldown=int(scheduler.cooldown))
+
+    def start_epoch(self, epoch: int) -> None:
+        """Set the learning rate for `epoch` (0-based) before training on it."""
+        if self.name != "cosine":
+            return
+        if epoch < self.warmup_epochs:
+            factor = (epoch + 1) / self.warmup_epochs
+        else:
+            progress = (epoch - self.warmup_epochs) / max(1, self.epochs - self.warmup_epochs)
+            factor = 0.5 * (1 + math.cos(math.pi * progress))
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def end_epoch(self, metric: float) -> None:
+        """Report the epoch's value of the best metric (drives the plateau schedule)."""
+        if self.plateau is not None:
+            self.plateau.step(metric)
+
+    def state_dict(self) -> tp.Dict[str, tp.Any]:
+        """Plain-value state (the optimizer's learning rates are saved with the optimizer)."""
+        if self.plateau is None:
+            return {}
+        keys = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")
+        return {key: getattr(self.plateau, key) for key in keys}
+
+    def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
+        """Restore what `state_dict` returned."""
+        if self.plateau is not None:
+            for key, value in state.items():
+                setattr(self.plateau, key, value)
+            self.plateau._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class ModelEMA:
+    """An exponential moving average of a model's state: floating-point parameters and buffers
+    (e.g. BatchNorm running statistics) are averaged, integer buffers (e.g. BatchNorm's
+    `num_batches_tracked`) copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise DemixError(f"ema.decays must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+    @property
+    def name(self) -> str:
+        """Name used in logs and history, e.g. `ema_0.999`."""
+        return f"ema_{self.decay:g}"
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Blend the model's current weights into the average."""
+        for key, value in model.state_dict().items():
+            average = self.state[key]
+            if average.is_floating_point():
+                average.mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
+            else:
+                average.copy_(value)
+
+    def state_dict(self) -> tp.Dict[str, torch.Tensor]:
+        """The averaged weights, in the model's state-dict format."""
+        return self.state
+
+    def load_state_dict(self, state: tp.Dict[str, torch.Tensor]) -> None:
+        """Restore averaged weights."""
+        for key, value in state.items():
+            self.state[key].copy_(value)
+
+
+@contextlib.contextmanager
+def swapped_weights(model: torch.nn.Module, state: tp.Dict[str, torch.Tensor]) -> tp.Iterator[None]:
+    """Temporarily load `state` into `model` (e.g. to validate an EMA), then restore its weights."""
+    original = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    model.load_state_dict(state)
+    try:
+        yield
+    finally:
+        model.load_state_dict(original)
