@@ -66,6 +66,8 @@ class DemixHydraMain(HydraMain):
         self.validate = validate
 
     def get_xp(self, argv: tp.Sequence[str]) -> XP:
+        """The XP these overrides define, its configuration checked; a bad override or value
+        exits with a one-line error (exit code 2)."""
         try:
             xp = super().get_xp(argv)
         except (HydraException, OmegaConfBaseException, AssertionError) as error:

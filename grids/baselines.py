@@ -2,7 +2,7 @@
 
     dora grid baselines     # after editing MUSDB_ROOT, or pass dset.root through your own copy
 
-Each family's recipe lives in conf/model/NAME.yaml; this grid only adds the dataset and the
+Each family's recipe lives in demixlab/conf/model/NAME.yaml; this grid only adds the dataset and the
 resources a full training run needs.
 """
 from ._explorers import DemixExplorer

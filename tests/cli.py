@@ -1,4 +1,5 @@
-"""Run demixlab's command lines in subprocesses, as a user would (shared by the end-to-end tests)."""
+"""Run demixlab's training as a user would: `dora run` in a subprocess (end-to-end tests), or the
+same entry point in this process (error paths, which need no second interpreter)."""
 import os
 import subprocess
 import sys
@@ -43,3 +44,22 @@ def signature(workdir: Path, cache_dir: Path, *args: str) -> str:
 def load_checkpoint(folder: Path) -> dict:
     """An XP's checkpoint, loaded the safe way."""
     return torch.load(folder / "checkpoint.th", weights_only=True)
+
+
+def run_in_process(workdir: Path, cache_dir: Path, *overrides: str) -> int:
+    """What `dora run OVERRIDES` does, in this process: compose and check the configuration, make the
+    XP, enter it and run the training entry point. Returns the exit code (0 when it finished);
+    messages go to stderr as they would (use capsys). Call with the working directory set to
+    `workdir` (XPs land in its outputs/) and DEMIXLAB_CACHE set to `cache_dir`."""
+    from demixlab.train import main, run
+
+    assert Path.cwd() == workdir and os.environ.get("DEMIXLAB_CACHE") == str(cache_dir)
+    try:
+        xp = main.get_xp(list(overrides))
+        main.init_xp(xp)
+        with xp.enter():
+            run(xp.cfg)
+    except SystemExit as exit_info:
+        return int(exit_info.code or 0)
+    return 0
+

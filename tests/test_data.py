@@ -4,7 +4,6 @@ import logging
 import os
 import subprocess
 import sys
-import types
 import typing as tp
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import demixlab.audio
-from demixlab.data import DataSplits, DatasetConfig, ToyConfig, build_datasets, resolve_cache_dir
+from demixlab.data import DataSplits, DatasetConfig, build_datasets, resolve_cache_dir
+from demixlab.data import toy as toy_package
+from demixlab.data.toy import ToySpec
 from demixlab.data import scan as scan_module
 from demixlab.data.datasets import SegmentDataset, TrackDataset
 from demixlab.data.splits import musdb_validation_tracks
@@ -58,7 +59,7 @@ def dset_config(root: tp.Any, **overrides: tp.Any) -> DatasetConfig:
               "samplerate": SR, "channels": 2, "valid_tracks": []}
     values.update(overrides)
     if isinstance(values.get("toy"), dict):
-        values["toy"] = ToyConfig(**values["toy"])
+        values["toy"] = ToySpec(**values["toy"])
     return DatasetConfig(**values)
 
 
@@ -173,21 +174,15 @@ def test_valid_tracks_musdb_uses_official_names(tmp_path):
 def test_toy_kind_uses_generated_root(tmp_path, monkeypatch):
     calls = []
 
-    class ToySpec:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
     def ensure_toy_dataset(spec, cache_root, progress=True):
-        calls.append((spec.kwargs, cache_root))
+        calls.append((spec, cache_root))
         return make_dataset(cache_root / "generated", train=("a", "b"), valid=("v",), test=("t",))
 
-    fake = types.ModuleType("demixlab.data.toy")
-    fake.ToySpec, fake.ensure_toy_dataset = ToySpec, ensure_toy_dataset
-    monkeypatch.setitem(sys.modules, "demixlab.data.toy", fake)
+    monkeypatch.setattr(toy_package, "ensure_toy_dataset", ensure_toy_dataset)
     toy = {"seed": 3, "train_tracks": 2, "valid_tracks": 1, "test_tracks": 1, "train_duration": 0.25,
            "eval_duration": 0.25}
     data = build(dset_config(None, kind="toy", toy=toy), tmp_path)
-    assert calls == [({**toy, "samplerate": SR}, tmp_path / "cache" / "toy")]
+    assert calls == [(ToySpec(**toy, samplerate=SR), tmp_path / "cache" / "toy")]
     assert [len(data.train.tracks), len(data.valid.tracks), len(data.test.tracks)] == [2, 1, 1]
 
 

@@ -1,7 +1,11 @@
 """Multi-process training on CPU (gloo): `dora run -d --ddp_workers 2`."""
 import json
 
+import pytest
+
 from tests.cli import TINY, dora, signature
+
+pytestmark = pytest.mark.slow
 
 
 def test_two_processes_train_in_lockstep_even_when_a_rank_has_no_validation_track(tmp_path, cache_dir):

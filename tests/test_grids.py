@@ -1,4 +1,4 @@
-"""Grids without Slurm: `dora grid --dry_run --init`, `dora run -f SIG`, tools.grid_local, finetune."""
+"""Grids without Slurm: `dora grid --dry_run --init`, `dora run -f SIG`, demixlab grid-local, finetune."""
 import json
 import os
 import subprocess
@@ -13,15 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_workdir(path: Path, extra_grids: dict = {}) -> Path:  # noqa: B006 (read only)
-    """A scratch directory to run `dora` and tools from: its own outputs/, the repository's grids
-    (plus `extra_grids`: module name -> source) and tools."""
+    """A scratch directory to run `dora` and `demixlab grid-local` from: its own outputs/ and the
+    repository's grids (plus `extra_grids`: module name -> source)."""
     grids = path / "grids"
     grids.mkdir(parents=True)
     for module in (REPO / "grids").glob("*.py"):
         (grids / module.name).symlink_to(module)
     for name, source in extra_grids.items():
         (grids / f"{name}.py").write_text(source)
-    (path / "tools").symlink_to(REPO / "tools")
     return path
 
 
@@ -40,6 +39,7 @@ def tool(workdir: Path, cache_dir: Path, *args: str, env: dict = {}, check: bool
     return result
 
 
+@pytest.mark.slow
 def test_dry_run_init_then_run_one_xp_then_finetune_the_finished_one_locally(tmp_path, cache_dir):
     workdir = make_workdir(tmp_path)
     # Materialise the smoke grid's signatures without any Slurm.
@@ -52,12 +52,12 @@ def test_dry_run_init_then_run_one_xp_then_finetune_the_finished_one_locally(tmp
 
     # The finetune grid continues finished parents only, and says why it skips the others.
     env = {"FINETUNE_PARENT_GRID": "smoke"}
-    listed = tool(workdir, cache_dir, "tools.grid_local", "finetune", "--dry_run", env=env)
+    listed = tool(workdir, cache_dir, "demixlab", "grid-local", "finetune", "--dry_run", env=env)
     skipped = [line for line in listed.stdout.splitlines() if line.startswith("finetune: skipping")]
     assert len(skipped) == 3 and all("training not finished (0/2 epochs)" in line for line in skipped)
     assert f"continue_from={parent}" in listed.stdout
 
-    ran = tool(workdir, cache_dir, "tools.grid_local", "finetune", env=env)
+    ran = tool(workdir, cache_dir, "demixlab", "grid-local", "finetune", env=env)
     child = next(sig for argv, sig in xps_by_argv(workdir).items() if f'continue_from="{parent}"' in argv)
     state = load_checkpoint(workdir / "outputs" / "xps" / child)
     assert state["parent"] == parent and state["done"]
@@ -66,6 +66,7 @@ def test_dry_run_init_then_run_one_xp_then_finetune_the_finished_one_locally(tmp
     assert summary[-2].startswith("sig") and summary[-1].startswith(f"{child}  done")
 
 
+@pytest.mark.slow
 def test_grid_local_reports_an_unknown_grid_and_a_failing_xp(tmp_path, cache_dir):
     failing = '''
 from ._explorers import DemixExplorer
@@ -76,9 +77,9 @@ def explorer(launcher):
     launcher({"dset": "folder", "dset.root": "/nonexistent/stems", "dset.sources": ["a", "b"]})
 '''
     workdir = make_workdir(tmp_path, {"failing": failing})
-    unknown = tool(workdir, cache_dir, "tools.grid_local", "nosuch", check=False)
+    unknown = tool(workdir, cache_dir, "demixlab", "grid-local", "nosuch", check=False)
     assert unknown.returncode == 2 and "no grid named 'nosuch'" in unknown.stderr and "smoke" in unknown.stderr
-    result = tool(workdir, cache_dir, "tools.grid_local", "failing", check=False)
+    result = tool(workdir, cache_dir, "demixlab", "grid-local", "failing", check=False)
     assert result.returncode == 1
     assert "dset.root=/nonexistent/stems: no such directory" in result.stderr
     assert "FAILED" in result.stdout.splitlines()[-1]

@@ -245,6 +245,7 @@ SMALL_MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(SMALL_MODELS))
 def test_dora_run_trains_the_family(tmp_path, cache_dir, family):
     args = [*(arg for arg in TINY if not arg.startswith("model.")), *SMALL_MODELS[family]]

@@ -35,6 +35,7 @@ QUICK = [arg for arg in TINY if not arg.startswith("epochs=")] + [
     "epochs=1", "model.n_fft=1024", "model.hop_length=256", "model.wiener_iterations=0", "misc.progress=false"]
 
 
+@pytest.mark.slow
 def test_train_export_and_separate_end_to_end(tmp_path, cache_dir):
     dora(tmp_path, cache_dir, *QUICK)
     xp, = (tmp_path / "outputs" / "xps").iterdir()

@@ -320,6 +320,7 @@ TINY_SLICQ = [
 ]
 
 
+@pytest.mark.slow
 def test_dora_run_trains_slicq_cdae(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # small tensors: threads only contend on a busy machine
     dora(tmp_path, cache_dir, *TINY_SLICQ)

@@ -14,6 +14,8 @@ import pytest
 from tests.cli import load_checkpoint
 from tests.test_grids import make_workdir
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "local_cluster.sh"
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from demixlab.errors import DemixError
 from demixlab.data import toy
 from demixlab.data.toy import GENERATOR_VERSION, TOY_SOURCES, ToySpec, ensure_toy_dataset, synthesize_track
 
@@ -156,7 +157,7 @@ def test_spec_name_and_validation() -> None:
     assert toy.toy_dataset_name(ToySpec(seed=1)) != toy.toy_dataset_name(ToySpec())
     assert toy.toy_dataset_name(ToySpec(samplerate=22050)) != toy.toy_dataset_name(ToySpec())
     for bad in ({"seed": -1}, {"train_tracks": -1}, {"eval_duration": 0.0}, {"samplerate": 100}):
-        with pytest.raises(ValueError):
+        with pytest.raises(DemixError, match="dset.toy|sample rate"):
             ToySpec(**bad)
     seeds = {toy.track_seed(0, split, index) for split in toy.SPLITS for index in range(5)}
     assert len(seeds) == 15

@@ -1,7 +1,9 @@
-"""`dora run` end to end on tiny toy configurations: training, exact resume, fine-tuning, errors.
+"""`dora run` on tiny toy configurations: training, exact resume, fine-tuning, errors.
 
-Each test runs Dora in a subprocess, as a user would, from a scratch directory (so XPs land in
-its outputs/), with the dataset cache shared across the session.
+The end-to-end tests (slow) run Dora in a subprocess, as a user would, from a scratch directory
+(so XPs land in its outputs/), with the dataset cache shared across the session. The error paths
+run the same entry point in this process; one of them also as a subprocess, to see exactly what
+a user sees.
 """
 import json
 import os
@@ -18,6 +20,7 @@ import torch
 
 from tests.cli import TINY, TINY_SOLVER, dora, load_checkpoint, signature
 
+@pytest.mark.slow
 def test_train_writes_everything_in_the_xp_folder_then_resumes_without_repeating(tmp_path, cache_dir):
     first = dora(tmp_path, cache_dir, *TINY)
     sig = signature(tmp_path, cache_dir, *TINY)
@@ -43,6 +46,7 @@ def test_train_writes_everything_in_the_xp_folder_then_resumes_without_repeating
     assert "Test set scores" in output  # the scores are reported again
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_to_the_same_history_as_an_uninterrupted_run(tmp_path, cache_dir):
     args = [arg for arg in TINY if not arg.startswith(("epochs=", "samples_per_track="))]
     args += ["epochs=3", "samples_per_track=6"]
@@ -83,6 +87,7 @@ def test_sigkill_mid_epoch_resumes_to_the_same_history_as_an_uninterrupted_run(t
         assert torch.equal(state[key], value), key
 
 
+@pytest.mark.slow
 def test_continue_from_starts_from_the_parent_best_weights(tmp_path, cache_dir):
     dora(tmp_path, cache_dir, *TINY)
     parent = signature(tmp_path, cache_dir, *TINY)
@@ -99,11 +104,22 @@ def test_continue_from_starts_from_the_parent_best_weights(tmp_path, cache_dir):
         if "running" not in key and "num_batches" not in key:  # BatchNorm statistics move at any lr
             torch.testing.assert_close(child["model"][key], value, rtol=0, atol=1e-6)
 
-    unknown = dora(tmp_path, cache_dir, *TINY, "continue_from=0123abcd", check=False)
-    assert unknown.returncode == 2
-    assert "continue_from=0123abcd: no experiment with that signature" in unknown.stderr
-    as_number = dora(tmp_path, cache_dir, *TINY, "continue_from=1234e567", check=False)
-    assert as_number.returncode == 2 and "quote it" in as_number.stderr
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("demixlab: error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0123abcd", "continue_from=0123abcd: no experiment with that signature"),
+    ("1234e567", "quote it"),
+])
+def test_continue_from_an_unknown_or_mangled_signature_is_a_one_line_error(in_process, capsys, value, message):
+    assert in_process(*TINY, f"continue_from={value}") == 2
+    assert message in _one_error_line(capsys.readouterr().err)
 
 
 def write_track(folder: Path, stems: dict, samplerate: int = 44100) -> None:
@@ -142,16 +158,12 @@ def make_dataset(root: Path, broken: str) -> str:
 
 
 @pytest.mark.parametrize("broken", ["missing stem", "length", "samplerate", "corrupt", "nan"])
-def test_bad_data_is_a_one_line_error_naming_the_file(tmp_path, cache_dir, broken):
+def test_bad_data_is_a_one_line_error_naming_the_file(tmp_path, in_process, capsys, broken):
     root = tmp_path / "stems"
     expected = make_dataset(root, broken)
-    result = dora(tmp_path, cache_dir, "dset=folder", f"dset.root={root}", "dset.sources=[a,b]", *TINY_SOLVER,
-                  check=False)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("demixlab: error:")]
-    assert len(errors) == 1, result.stderr
-    assert str(root / "train" / "song") in errors[0] and expected in errors[0]
-    assert "Traceback" not in result.stderr
+    assert in_process("dset=folder", f"dset.root={root}", "dset.sources=[a,b]", *TINY_SOLVER) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert str(root / "train" / "song") in error and expected in error
 
 
 @pytest.mark.parametrize("args, message", [
@@ -163,11 +175,21 @@ def test_bad_data_is_a_one_line_error_naming_the_file(tmp_path, cache_dir, broke
     (["model.hiden_size=8"], "unknown option model.hiden_size: no such key in the configuration "
                              "(did you mean model.hidden_size?)"),
     (["epochs=0"], "epochs must be a positive integer"),
+    (["epochs=many"], "epochs: Value 'many' of type 'str' could not be converted to Integer"),
+    (["valid.overlap=1.5"], "valid.overlap must be in [0, 1)"),
+    (["model.hidden_size=big"], "model.hidden_size: Value 'big' of type 'str' could not be converted to Integer"),
+    (["loss.source_weights={vocals: loud}"], "loss.source_weights.vocals: Value 'loud'"),
+    (["best.mode=maximum"], "best.mode must be one of max, min, got 'maximum'"),
+    (["test.sdr_backend=fast"], "test.sdr_backend must be one of torch, museval, check"),
+    (["misc.num_workers=-1"], "misc.num_workers must be 'auto' or a non-negative integer"),
 ])
-def test_bad_options_are_one_line_errors_naming_the_key(tmp_path, cache_dir, args, message):
-    result = dora(tmp_path, cache_dir, *TINY_SOLVER, *args, check=False)
+def test_bad_options_are_one_line_errors_naming_the_key(in_process, capsys, args, message):
+    assert in_process(*TINY_SOLVER, *args) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_user_error_reaches_the_shell_as_one_line_and_exit_code_2(tmp_path, cache_dir):
+    result = dora(tmp_path, cache_dir, *TINY_SOLVER, "dset=musdb18hq", check=False)
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("demixlab: error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert "dset.root is not set" in _one_error_line(result.stderr)
 

@@ -293,6 +293,7 @@ def test_objective_needs_two_sources():
     build_xumx_objective(model, combinations="singles")
 
 
+@pytest.mark.slow
 # ---------------------------------------------------------------------------------- end to end
 def test_dora_run_trains_xumx(tmp_path, cache_dir):
     args = ["model=xumx", *TINY]

@@ -15,7 +15,7 @@ import typing as tp
 from pathlib import Path
 
 from ..errors import exit_on_user_error
-from ..models import import_formats
+from ..models import get_importer, import_formats
 from ..release.importing import import_model, save_imported
 
 HELP = "import weights trained by another implementation into a repository"
@@ -23,15 +23,21 @@ HELP = "import weights trained by another implementation into a repository"
 
 def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     """The options of `demixlab import`."""
+    formats = "; ".join(f"{name}: {_summary(get_importer(name))}" for name in import_formats())
     parser = parser or argparse.ArgumentParser(prog="demixlab import", description=HELP)
-    parser.add_argument("format", choices=import_formats(), help="the implementation that wrote the weights")
-    parser.add_argument("sources", nargs="+", type=Path,
-                        help="openunmix: TARGET.pth files or folders of them; demucs, xumx_slicq: one file")
+    parser.add_argument("format", choices=import_formats(), help=f"the implementation that wrote the weights ({formats})")
+    parser.add_argument("sources", nargs="+", type=Path, help="the files or folders the format reads")
     parser.add_argument("-o", "--repo", type=Path, required=True, help="the model repository folder (created)")
     parser.add_argument("-n", "--name", required=True, help="name of the model in the repository (REPO/NAME.th)")
     parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     parser.add_argument("--force", action="store_true", help="replace REPO/NAME.th if it exists")
     return parser
+
+
+def _summary(importer: tp.Callable) -> str:
+    """The first line of an importer's docstring."""
+    lines = (importer.__doc__ or "").strip().splitlines()
+    return lines[0].rstrip(".") if lines else ""
 
 
 def run(args: argparse.Namespace) -> None:

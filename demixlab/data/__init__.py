@@ -16,6 +16,7 @@ Dataset kinds (``dset.kind``):
 Every file is checked once (headers, lengths, NaN/Inf); results are cached under
 ``<cache_dir>/metadata``, never inside the dataset.
 """
+import dataclasses
 import logging
 import os
 import typing as tp
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DemixError
-from .config import DatasetConfig, ToyConfig
+from .config import DatasetConfig
 from .datasets import SegmentDataset, TrackDataset
 from .musdb_tracks import load_musdb_folder
 from .scan import scan_stems_folder
@@ -32,7 +33,7 @@ from .tracks import Track, conform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataSplits", "DatasetConfig", "SegmentDataset", "TestSplit", "ToyConfig", "Track", "TrackDataset",
+__all__ = ["DataSplits", "DatasetConfig", "SegmentDataset", "TestSplit", "Track", "TrackDataset",
            "build_datasets", "build_test_split", "resolve_cache_dir"]
 
 
@@ -146,7 +147,8 @@ def dataset_root(dset: DatasetConfig, base_dir: Path, cache_dir: Path, progress:
         assert dset.toy is not None  # DatasetConfig checks it
         from .toy import ensure_toy_dataset  # noqa: PLC0415 - only the toy kind needs the synthesizer
 
-        return Path(ensure_toy_dataset(dset.toy.spec(dset.samplerate), Path(cache_dir) / "toy", progress=progress))
+        spec = dataclasses.replace(dset.toy, samplerate=dset.samplerate)
+        return Path(ensure_toy_dataset(spec, Path(cache_dir) / "toy", progress=progress))
     if dset.root in (None, ""):
         raise DemixError(f"dset.root is not set: pass dset.root=/path/to/dataset (dset.kind={dset.kind})")
     root = Path(str(dset.root)).expanduser()

@@ -9,34 +9,9 @@ import typing as tp
 from dataclasses import dataclass
 
 from ..errors import DemixError
+from .toy import ToySpec
 
 KINDS = ("toy", "stems", "musdb")
-
-
-@dataclass
-class ToyConfig:
-    """`dset.toy`: the built-in synthetic dataset (see :class:`demixlab.data.toy.ToySpec`)."""
-
-    seed: int = 0
-    train_tracks: int = 12
-    valid_tracks: int = 2
-    test_tracks: int = 3
-    train_duration: float = 12.0  # seconds per training track
-    eval_duration: float = 10.0  # seconds per validation and test track
-
-    def __post_init__(self) -> None:
-        self.spec(44100)  # the generator's own checks
-
-    def spec(self, samplerate: int) -> tp.Any:
-        """The generator's :class:`~demixlab.data.toy.ToySpec` at `samplerate`."""
-        from .toy import ToySpec  # noqa: PLC0415 - the synthesizer is only needed for the toy kind
-
-        try:
-            return ToySpec(seed=self.seed, train_tracks=self.train_tracks, valid_tracks=self.valid_tracks,
-                           test_tracks=self.test_tracks, train_duration=self.train_duration,
-                           eval_duration=self.eval_duration, samplerate=samplerate)
-        except ValueError as error:
-            raise DemixError(f"dset.toy: {error}") from None
 
 
 @dataclass
@@ -52,7 +27,7 @@ class DatasetConfig:
         samplerate, channels: what every track is converted to on read.
         valid_tracks: names of `train/` tracks held out for validation when there is no `valid/`
             folder, or `musdb` for the official MUSDB18 validation tracks.
-        toy: the synthetic dataset's options (`kind: toy` only).
+        toy: the synthetic dataset's options (`kind: toy` only; its sample rate is `samplerate`).
     """
 
     kind: str = "stems"
@@ -61,7 +36,7 @@ class DatasetConfig:
     samplerate: int = 44100
     channels: int = 2
     valid_tracks: tp.Any = None
-    toy: tp.Optional[ToyConfig] = None
+    toy: tp.Optional[ToySpec] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -67,6 +67,7 @@ class BarkScale(FrequencyScale):
         return 600.0 * math.sinh(bark / 6.0)
 
     def F(self, band: float) -> float:  # noqa: N802
+        """Centre frequency (Hz) of band `band`."""
         return self.bark_to_hz(band * self.per_band + self.low)
 
 
@@ -89,6 +90,7 @@ class MelScale(FrequencyScale):
         return (math.pow(10.0, mel / 2595.0) - 1.0) * 700.0
 
     def F(self, band: float) -> float:  # noqa: N802
+        """Centre frequency (Hz) of band `band`."""
         return self.mel_to_hz(band * self.per_band + self.low)
 
 
@@ -105,9 +107,11 @@ class LogScale(FrequencyScale):
         self.gamma = float(gamma)
 
     def F(self, band: float) -> float:  # noqa: N802
+        """Centre frequency (Hz) of band `band`."""
         return self.fmin * self.ratio ** band + self.gamma
 
     def Q(self, band: float) -> float:  # noqa: N802
+        """The one Q factor of every band."""
         return self.q
 
 
@@ -128,9 +132,11 @@ class LinearScale(FrequencyScale):
         self.spacing = float(fmax - fmin) / (bands - 1)
 
     def F(self, band: float) -> float:  # noqa: N802
+        """Centre frequency (Hz) of band `band`."""
         return band * self.spacing + self.fmin
 
     def Q(self, band: float) -> float:  # noqa: N802
+        """Q factor of band `band` (bandwidth twice the spacing)."""
         return self.F(band) / (self.spacing * 2.0)
 
 

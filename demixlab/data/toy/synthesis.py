@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...errors import DemixError
 from .dsp import active_rms
 from .instruments import bass_stem, drums_stem, other_stem, vocals_stem
 from .plan import make_plan
@@ -17,9 +18,12 @@ PEAK = 0.9  # no stem and no mixture sample exceeds this
 _REF_RMS = 0.06  # loudness of a stem (while it plays) before its random +-6 dB level
 
 
-@dataclass(frozen=True)
+@dataclass
 class ToySpec:
-    """What to generate: tracks per split, their durations, the seed and the sample rate."""
+    """What to generate: tracks per split, their durations, the seed and the sample rate.
+
+    Also the schema of the `dset.toy` options, whose sample rate is `dset.samplerate`.
+    """
 
     seed: int = 0
     train_tracks: int = 12
@@ -31,14 +35,14 @@ class ToySpec:
 
     def __post_init__(self) -> None:
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise DemixError(f"dset.toy.seed must be >= 0, got {self.seed}")
         for name in ("train_tracks", "valid_tracks", "test_tracks"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise DemixError(f"dset.toy.{name} must be >= 0, got {getattr(self, name)}")
         if not (self.train_duration > 0 and self.eval_duration > 0):
-            raise ValueError("train_duration and eval_duration must be > 0")
+            raise DemixError("dset.toy.train_duration and dset.toy.eval_duration must be > 0 seconds")
         if self.samplerate < 8000:
-            raise ValueError(f"samplerate must be >= 8000, got {self.samplerate}")
+            raise DemixError(f"the toy dataset needs a sample rate of at least 8000 Hz, got {self.samplerate}")
 
     def split(self, split: str) -> tp.Tuple[int, float]:
         """Number of tracks and seconds per track of `split` (train, valid or test)."""

@@ -180,5 +180,8 @@ def import_demucs(path: PathLike) -> ImportedModel:
 
 
 def import_demucs_paths(paths: tp.Sequence[Path]) -> ImportedModel:
-    """The registered importer: one demucs package file (see :func:`import_demucs`)."""
+    """One demucs model package (.th) of an HDemucs or HTDemucs.
+
+    The importer registered for `demixlab import demucs` (see :func:`import_demucs`).
+    """
     return import_demucs(single_path(paths, "demucs"))

@@ -84,7 +84,7 @@ def _agree(path: Path, what: str, stored: tp.Any, expected: tp.Any) -> None:
 
 def import_openunmix(sources: tp.Sequence[PathLike], *, samplerate: tp.Optional[int] = None,
                      hop_length: tp.Optional[int] = None) -> ImportedModel:
-    """Convert Open-Unmix target weights (files or folders of ``TARGET.pth``) to the ``umx`` family.
+    """Open-Unmix target weights: TARGET.pth files, or folders of them (to the `umx` family).
 
     Targets become sources in the given order (a folder: drums, bass, other, vocals first). The
     sample rate and hop come from ``separator.json`` / ``TARGET.json`` next to the weights, else

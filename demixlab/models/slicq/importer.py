@@ -52,5 +52,8 @@ def import_xumx_slicq(path: PathLike) -> ImportedModel:
 
 
 def import_xumx_slicq_paths(paths: tp.Sequence[Path]) -> ImportedModel:
-    """The registered importer: one folder or ``.pth`` file (see :func:`import_xumx_slicq`)."""
+    """The folder xumx-sliCQ-V2's trainer writes, or its .pth.
+
+    The importer registered for `demixlab import xumx_slicq` (see :func:`import_xumx_slicq`).
+    """
     return import_xumx_slicq(single_path(paths, "xumx_slicq"))
