@@ -10,7 +10,8 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "demixlab" / "__init__.p
 setup(
     name="demixlab",
     version=VERSION,
-    description="Train, compare and ship music source separation models (UMX, X-UMX, sliCQ-CDAE, Hybrid Demucs)",
+    description="Train, compare and ship music source separation models (UMX, X-UMX, sliCQ-CDAE, Hybrid Demucs, "
+                "BS-RoFormer, Mel-Band RoFormer)",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -39,7 +40,8 @@ setup(
         # The reference implementations used as test oracles are NOT listed here: their own
         # requirements (torchaudio, another torch) cannot be installed next to this torch build.
         # They install with --no-deps from tests/requirements-reference.txt (see README); einops
-        # is what demucs needs beyond our own requirements.
-        "test": ["pytest", "scipy", "einops", "onnx", "onnxruntime", "onnxscript"],
+        # is what demucs needs beyond our own requirements, librosa and packaging what the RoFormer
+        # references need.
+        "test": ["pytest", "scipy", "einops", "onnx", "onnxruntime", "onnxscript", "librosa==0.11.0", "packaging"],
     },
 )

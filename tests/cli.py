@@ -54,6 +54,8 @@ def run_in_process(workdir: Path, cache_dir: Path, *overrides: str) -> int:
     from demixlab.train import main, run
 
     assert Path.cwd() == workdir and os.environ.get("DEMIXLAB_CACHE") == str(cache_dir)
+    # Dora resolves its output folder once, against the directory it was imported from.
+    dora_dir, main.dora.dir = main.dora.dir, workdir / "outputs"
     try:
         xp = main.get_xp(list(overrides))
         main.init_xp(xp)
@@ -61,5 +63,7 @@ def run_in_process(workdir: Path, cache_dir: Path, *overrides: str) -> int:
             run(xp.cfg)
     except SystemExit as exit_info:
         return int(exit_info.code or 0)
+    finally:
+        main.dora.dir = dora_dir
     return 0
 

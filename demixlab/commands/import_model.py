@@ -4,6 +4,7 @@
     demixlab import openunmix vocals.pth drums.pth ... -o REPO -n NAME
     demixlab import demucs path/to/955717e8-8726e21a.th -o REPO -n htdemucs
     demixlab import xumx_slicq path/to/xumx_slicq_v2.pth -o REPO -n slicq
+    demixlab import msst model.ckpt --config config.yaml -o REPO -n vocals [--complement]
 
 The result is the model file REPO/NAME.th (the origin is recorded in it), which `demixlab
 separate --repo REPO -n NAME` and `demixlab evaluate --repo REPO -n NAME` use. The formats are
@@ -27,6 +28,11 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
     parser = parser or argparse.ArgumentParser(prog="demixlab import", description=HELP)
     parser.add_argument("format", choices=import_formats(), help=f"the implementation that wrote the weights ({formats})")
     parser.add_argument("sources", nargs="+", type=Path, help="the files or folders the format reads")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="the training configuration that goes with the weights (msst: the YAML)")
+    parser.add_argument("--complement", action="store_true",
+                        help="single-target models: also output the mixture minus the target, named "
+                             "after the configuration's other instrument")
     parser.add_argument("-o", "--repo", type=Path, required=True, help="the model repository folder (created)")
     parser.add_argument("-n", "--name", required=True, help="name of the model in the repository (REPO/NAME.th)")
     parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
@@ -42,7 +48,9 @@ def _summary(importer: tp.Callable) -> str:
 
 def run(args: argparse.Namespace) -> None:
     """Convert, check (the model is built and the weights loaded) and save."""
-    imported = import_model(args.format, args.sources)
+    paths = list(args.sources) + ([args.config] if args.config else [])
+    options = {"complement": True} if args.complement else {}
+    imported = import_model(args.format, paths, **options)
     path = save_imported(imported, args.repo, args.name, half=args.half, overwrite=args.force)
     params = sum(value.numel() for value in imported.state.values())
     print(f"{path}: {imported.family} model, sources {', '.join(imported.sources)}, {imported.samplerate} Hz, "

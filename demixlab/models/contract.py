@@ -107,8 +107,10 @@ class ImportedModel:
     checked: bool = False
 
 
-# importer(paths) -> ImportedModel: the files or folders a user names on `demixlab import FORMAT`.
-Importer = tp.Callable[[tp.Sequence[Path]], ImportedModel]
+# importer(paths, **options) -> ImportedModel: the files or folders a user names on `demixlab import
+# FORMAT`, and the format's keyword options (e.g. msst's `complement`). Its docstring's first line
+# says what the format reads.
+Importer = tp.Callable[..., ImportedModel]
 
 
 def single_path(paths: tp.Sequence[PathLike], format_name: str) -> Path:

@@ -55,8 +55,19 @@ class Family:
     importers: tp.Mapping[str, Importer] = dataclasses.field(default_factory=dict)
 
     def model_options(self) -> tp.Type:
-        """The schema of the `model.*` options (a dataclass, without `family`)."""
-        return option_schema(self.model_class.__init__, f"{self.name}_model_options", _MODEL_ARGUMENTS)
+        """The schema of the `model.*` options (a dataclass, without `family`).
+
+        A constructor that passes `**options` on to its base class declares the base's options too.
+        """
+        constructors = []
+        for cls in self.model_class.__mro__:
+            if "__init__" not in vars(cls):
+                continue
+            constructors.append(vars(cls)["__init__"])
+            parameters = inspect.signature(constructors[-1]).parameters.values()
+            if not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+                break
+        return option_schema(tuple(constructors), f"{self.name}_model_options", _MODEL_ARGUMENTS)
 
     def loss_options(self) -> tp.Type:
         """The schema of the `loss.*` options (a dataclass)."""
@@ -110,28 +121,39 @@ def _schema_type(annotation: tp.Any) -> tp.Any:
 _SCHEMAS: tp.Dict[tp.Tuple[tp.Any, str], tp.Type] = {}
 
 
-def option_schema(function: tp.Callable, name: str, skip: tp.Sequence[str] = ()) -> tp.Type:
-    """A dataclass with one field per keyword argument of `function` (but `skip`), typed by its
-    annotation (see :func:`_schema_type`) and defaulting to its default (required when it has none)."""
-    key = (function, name)
+def option_schema(functions: tp.Union[tp.Callable, tp.Sequence[tp.Callable]], name: str,
+                  skip: tp.Sequence[str] = ()) -> tp.Type:
+    """A dataclass with one field per keyword argument of `functions` (but `skip`; the first
+    function that names an argument declares it), typed by its annotation (see
+    :func:`_schema_type`) and defaulting to its default (required when it has none)."""
+    functions = tuple(functions) if isinstance(functions, (list, tuple)) else (functions,)
+    key = (functions, name)
     if key not in _SCHEMAS:
-        hints = tp.get_type_hints(function)
         fields = []
-        for parameter in inspect.signature(function).parameters.values():
-            if parameter.name in skip or parameter.kind not in (parameter.KEYWORD_ONLY,
-                                                                parameter.POSITIONAL_OR_KEYWORD):
-                continue
-            kind = _schema_type(hints.get(parameter.name, tp.Any))
-            default = parameter.default
-            if default is inspect.Parameter.empty:
-                spec = dataclasses.field(default=MISSING)
-            elif isinstance(default, (list, tuple, dict)):
-                spec = dataclasses.field(default_factory=lambda value=default: _copy(value))
-            else:
-                spec = dataclasses.field(default=default)
-            fields.append((parameter.name, kind, spec))
+        seen = set(skip)
+        for function in functions:
+            hints = tp.get_type_hints(function)
+            for parameter in inspect.signature(function).parameters.values():
+                if parameter.name in seen or parameter.kind not in (parameter.KEYWORD_ONLY,
+                                                                    parameter.POSITIONAL_OR_KEYWORD):
+                    continue
+                seen.add(parameter.name)
+                fields.append(_field(parameter, hints))
         _SCHEMAS[key] = dataclasses.make_dataclass(name, fields)
     return _SCHEMAS[key]
+
+
+def _field(parameter: inspect.Parameter, hints: tp.Mapping[str, tp.Any]) -> tp.Tuple[str, tp.Any, tp.Any]:
+    """(name, schema type, dataclass field) of one keyword argument."""
+    kind = _schema_type(hints.get(parameter.name, tp.Any))
+    default = parameter.default
+    if default is inspect.Parameter.empty:
+        spec = dataclasses.field(default=MISSING)
+    elif isinstance(default, (list, tuple, dict)):
+        spec = dataclasses.field(default_factory=lambda value=default: _copy(value))
+    else:
+        spec = dataclasses.field(default=default)
+    return parameter.name, kind, spec
 
 
 def _copy(value: tp.Any) -> tp.Any:

@@ -5,6 +5,7 @@ returns an :class:`~demixlab.models.contract.ImportedModel` (family, constructor
 weights and metadata), which :func:`save_imported` turns into a normal demixlab model file
 (`REPO/NAME.th`, see :mod:`demixlab.release.model_file`) with its origin recorded.
 """
+import inspect
 import re
 import typing as tp
 from pathlib import Path
@@ -16,9 +17,18 @@ from .model_file import model_from_package, package_model, save_package
 PathLike = tp.Union[str, Path]
 
 
-def import_model(format_name: str, paths: tp.Sequence[PathLike]) -> ImportedModel:
-    """Run the importer registered for `format_name` on `paths` (files or folders)."""
-    return get_importer(format_name)([Path(path) for path in paths])
+def import_model(format_name: str, paths: tp.Sequence[PathLike], **options: tp.Any) -> ImportedModel:
+    """Run the importer registered for `format_name` on `paths` (files or folders) with the format's
+    `options`; an option the format does not take is a :class:`DemixError` naming it."""
+    importer = get_importer(format_name)
+    accepted = [name for name, parameter in inspect.signature(importer).parameters.items()
+                if parameter.kind is parameter.KEYWORD_ONLY or (parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+                                                                 and parameter.default is not parameter.empty)]
+    for name in options:
+        if name not in accepted:
+            raise DemixError(f"{format_name}: --{name.replace('_', '-')} is not an option of this format "
+                             f"(options: {', '.join(accepted) or 'none'})")
+    return importer([Path(path) for path in paths], **options)
 
 
 def to_package(imported: ImportedModel, *, half: bool = False) -> tp.Dict[str, tp.Any]:

@@ -17,6 +17,8 @@ from .. import __version__
 from ..errors import DemixError
 from ..experiment import config_changes, flat_config
 from ..files import load_torch, save_torch
+from ..release.model_file import load_package
+from ..release.repository import MODEL_SUFFIX
 from . import distrib
 from .optim import LearningRateSchedule, ModelEMA
 
@@ -128,8 +130,17 @@ class Checkpointer:
         logger.info("resuming from %s after epoch %d", self.path, len(record.history))
         return record
 
-    def parent_weights(self, signature: str) -> tp.Dict[str, torch.Tensor]:
-        """The best weights of the finished XP `signature` (a sibling folder), checked to fit."""
+    def parent_weights(self, parent: str, base_dir: Path) -> tp.Dict[str, torch.Tensor]:
+        """The weights to start from: the best state of the finished XP `parent` (a signature: a
+        sibling folder), or the weights of the model file `parent` (a path ending in .th, relative
+        to `base_dir`, e.g. an imported community checkpoint); of this XP's family and sources."""
+        if parent.endswith(MODEL_SUFFIX):
+            path = Path(parent).expanduser()
+            package = load_package(path if path.is_absolute() else base_dir / path)
+            self._check_compatible(package, f"continue_from={parent}")
+            return {key: value.float() if value.dtype == torch.float16 else value
+                    for key, value in package["state"].items()}
+        signature = parent
         parent_folder = self.folder.parent / signature
         path = parent_folder / CHECKPOINT_NAME
         if not parent_folder.is_dir():

@@ -23,8 +23,14 @@ from ..evaluation.metrics import SDR_BACKENDS
 from ..experiment import parse_signature
 from ..models import get_family
 from ..models.registry import schema_error
+from ..release.repository import MODEL_SUFFIX
 from .augment import AugmentConfig
 from .optim import EmaConfig, OptimConfig, SchedulerConfig
+
+
+def is_model_file(value: tp.Any) -> bool:
+    """Whether a `continue_from` value names a model file (`PATH.th`) rather than an XP signature."""
+    return isinstance(value, str) and value.endswith(MODEL_SUFFIX)
 
 
 def _choice(key: str, value: str, choices: tp.Sequence[str]) -> None:
@@ -137,7 +143,7 @@ class TrainingConfig:
     model: tp.Dict[str, tp.Any] = field(default_factory=dict)  # family + the family's options
     loss: tp.Dict[str, tp.Any] = field(default_factory=dict)  # the family's objective options
     dset: DatasetConfig = MISSING  # a `dset=` group always sets it
-    continue_from: tp.Any = None  # a signature (Hydra may parse it as a number: checked below)
+    continue_from: tp.Any = None  # a signature (Hydra may parse it as a number) or a model file (.th)
     misc: MiscConfig = field(default_factory=MiscConfig)
     dora: tp.Dict[str, tp.Any] = field(default_factory=dict)  # Dora's own settings
     slurm: tp.Dict[str, tp.Any] = field(default_factory=dict)  # Dora's Slurm settings
@@ -147,7 +153,7 @@ class TrainingConfig:
             _at_least(key, getattr(self, key), 1)
         if not self.segment > 0:
             raise DemixError(f"segment must be a positive number of seconds, got {self.segment!r}")
-        if self.continue_from is not None:
+        if self.continue_from is not None and not is_model_file(self.continue_from):
             self.continue_from = parse_signature(self.continue_from, "continue_from")
         if "family" not in self.model:
             raise DemixError("model.family is not set: choose a model with model=NAME")

@@ -11,7 +11,7 @@ from ..errors import DemixError
 from ..models import SeparationModel
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-SCHEDULERS = ("none", "plateau", "cosine")
+SCHEDULERS = ("none", "plateau", "cosine", "step")
 
 
 @dataclass
@@ -48,15 +48,19 @@ class OptimConfig:
 class SchedulerConfig:
     """`scheduler`: the per-epoch learning-rate schedule."""
 
-    name: str = "plateau"  # none | plateau | cosine
-    factor: float = 0.3  # plateau: lr multiplier
+    name: str = "plateau"  # none | plateau | cosine | step
+    factor: float = 0.3  # plateau, step: lr multiplier
     patience: int = 80  # plateau: epochs without improvement of `best.metric`
     cooldown: int = 10  # plateau
     warmup_epochs: int = 0  # cosine: linear warm-up epochs
+    step_epochs: int = 0  # step: epochs between two multiplications by `factor` (set by the families that use it)
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULERS:
             raise DemixError(f"scheduler.name={self.name!r}: choose one of {', '.join(SCHEDULERS)}")
+        if self.name == "step" and self.step_epochs < 1:
+            raise DemixError(f"scheduler.name=step needs scheduler.step_epochs >= 1 (pass +scheduler.step_epochs=N "
+                             f"where the configuration has no such key), got {self.step_epochs}")
 
 
 @dataclass
@@ -102,14 +106,16 @@ def build_optimizer(model: SeparationModel, optim: OptimConfig) -> torch.optim.O
 
 
 class LearningRateSchedule:
-    """Per-epoch learning rate: constant, reduce-on-plateau of the best metric, or cosine decay
-    with linear warm-up. `state_dict` holds only plain values (safe to load with weights_only)."""
+    """Per-epoch learning rate: constant, reduce-on-plateau of the best metric, cosine decay with
+    linear warm-up, or a step decay (times `factor` every `step_epochs` epochs). `state_dict` holds only plain values (safe to load with weights_only)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: SchedulerConfig, epochs: int, mode: str):
         self.optimizer = optimizer
         self.name = scheduler.name
         self.epochs = epochs
         self.warmup_epochs = int(scheduler.warmup_epochs)
+        self.factor = float(scheduler.factor)
+        self.step_epochs = int(scheduler.step_epochs)
         self.plateau: tp.Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
         if self.name == "plateau":
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -118,9 +124,11 @@ class LearningRateSchedule:
 
     def start_epoch(self, epoch: int) -> None:
         """Set the learning rate for `epoch` (0-based) before training on it."""
-        if self.name != "cosine":
+        if self.name == "step":
+            factor = self.factor ** (epoch // self.step_epochs)
+        elif self.name != "cosine":
             return
-        if epoch < self.warmup_epochs:
+        elif epoch < self.warmup_epochs:
             factor = (epoch + 1) / self.warmup_epochs
         else:
             progress = (epoch - self.warmup_epochs) / max(1, self.epochs - self.warmup_epochs)

@@ -29,7 +29,7 @@ from ..models import get_family
 from . import distrib
 from .augment import build_augmentation
 from .checkpoint import Checkpointer, Record, XPIdentity
-from .config import TrainingConfig, parse_config
+from .config import TrainingConfig, is_model_file, parse_config
 from .optim import LearningRateSchedule, ModelEMA, build_optimizer
 from .reporting import Reporter
 from .validation import Validator
@@ -71,6 +71,7 @@ class Solver:
                              "processes")
         self.config: TrainingConfig = config
         self.folder = folder
+        self.base_dir = base_dir
         self.device = device
         self.family = get_family(config.model["family"])
         self.augment = build_augmentation(config.augment, config.dset.samplerate)
@@ -115,17 +116,18 @@ class Solver:
         if record is not None:
             self.record = record
         elif self.config.continue_from is not None:
-            signature = self.config.continue_from
-            weights = self.checkpointer.parent_weights(signature)
+            parent = self.config.continue_from
+            weights = self.checkpointer.parent_weights(parent, self.base_dir)
             try:
                 self.model.load_state_dict(weights)
             except RuntimeError as error:
-                raise DemixError(f"continue_from={signature}: its weights do not fit this model's "
+                raise DemixError(f"continue_from={parent}: its weights do not fit this model's "
                                  f"configuration ({str(error).splitlines()[0]})") from None
             for ema in self.emas:
                 ema.load_state_dict(self.model.state_dict())
-            self.record.parent = signature
-            logger.info("initialised from the best state of XP %s", signature)
+            self.record.parent = parent
+            what = "model file" if is_model_file(parent) else "the best state of XP"
+            logger.info("initialised from %s %s", what, parent)
         else:
             self._calibrate()
 
