@@ -1,8 +1,9 @@
 """BS-RoFormer and Mel-RoFormer: demixlab's model against audio-separator's class (what the
 community checkpoints run with), same weights, same input, side by side.
 
-    python bench/roformer.py                        # CPU: a reduced model (dim 128, depth 4), 4 s stereo
-    python bench/roformer.py --device cuda --dim 384 --depth 6 --seconds 8 --batch 2   # the paper's size
+    python bench/roformer.py                        # a reduced model (dim 128, depth 4), 4 s stereo: CPU,
+                                                    # and CUDA when a GPU is available
+    python bench/roformer.py --devices cuda --dim 384 --depth 6 --seconds 8 --batch 2   # the paper's size
 
 For each implementation and family: the median time of an eval forward and of a training step
 (forward, the multi-resolution loss, backward), and the peak memory of each (CPU: the growth of
@@ -96,7 +97,8 @@ def measure(implementation: str, family: str, mode: str, args: argparse.Namespac
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, and cuda when available)")
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -108,24 +110,26 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(*args.worker, args)))
         return
-    print(f"device {args.device} ({torch.get_num_threads()} threads), dim {args.dim}, depth {args.depth}, "
-          f"batch {args.batch} x {args.seconds:g} s stereo, median of {args.repeats}")
-    print(f"{'family':13} {'mode':8} {'reference s':>12} {'demixlab s':>11} {'ratio':>6} {'ref MiB':>9} "
-          f"{'demixlab MiB':>13}")
-    for family in args.families.split(","):
-        for mode in ("forward", "train"):
-            results = {}
-            for implementation in ("reference", "demixlab"):
-                command = [sys.executable, __file__, "--worker", implementation, family, mode] + [
-                    item for key in ("device", "dim", "depth", "seconds", "batch", "repeats")
-                    for item in (f"--{key}", str(getattr(args, key)))]
-                output = subprocess.run(command, check=True, capture_output=True, text=True,
-                                        env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
-                results[implementation] = json.loads(output.strip().splitlines()[-1])
-            ref, ours = results["reference"], results["demixlab"]
-            print(f"{family:13} {mode:8} {ref['seconds']:12.3f} {ours['seconds']:11.3f} "
-                  f"{ours['seconds'] / ref['seconds']:6.2f} {ref['peak_mib']:9.0f} {ours['peak_mib']:13.0f}",
-                  flush=True)
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"dim {args.dim}, depth {args.depth}, batch {args.batch} x {args.seconds:g} s stereo, median of "
+          f"{args.repeats} after a warm-up; CPU: {torch.get_num_threads()} threads")
+    print(f"{'device':6} {'family':13} {'mode':8} {'reference s':>12} {'demixlab s':>11} {'ratio':>6} "
+          f"{'ref MiB':>9} {'demixlab MiB':>13}")
+    for device in devices:
+        for family in args.families.split(","):
+            for mode in ("forward", "train"):
+                results = {}
+                for implementation in ("reference", "demixlab"):
+                    command = [sys.executable, __file__, "--worker", implementation, family, mode, "--device",
+                               device] + [item for key in ("dim", "depth", "seconds", "batch", "repeats")
+                                          for item in (f"--{key}", str(getattr(args, key)))]
+                    output = subprocess.run(command, check=True, capture_output=True, text=True,
+                                            env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
+                    results[implementation] = json.loads(output.strip().splitlines()[-1])
+                ref, ours = results["reference"], results["demixlab"]
+                print(f"{device:6} {family:13} {mode:8} {ref['seconds']:12.3f} {ours['seconds']:11.3f} "
+                      f"{ours['seconds'] / ref['seconds']:6.2f} {ref['peak_mib']:9.0f} {ours['peak_mib']:13.0f}",
+                      flush=True)
 
 
 if __name__ == "__main__":
