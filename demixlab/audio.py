@@ -131,22 +131,53 @@ def convert_audio(wav: torch.Tensor, from_samplerate: int, to_samplerate: int, c
     return wav
 
 
+# ITU-R BS.775 down-mix to stereo of the usual layouts (WAV channel order): per input channel, its
+# gains into left and right. Centre and surrounds enter at -3 dB, the LFE is left out.
+_MINUS_3DB = 0.7071067811865476
+_STEREO_DOWNMIX = {
+    3: [(1, 0), (0, 1), (_MINUS_3DB, _MINUS_3DB)],  # L R C
+    4: [(1, 0), (0, 1), (_MINUS_3DB, 0), (0, _MINUS_3DB)],  # L R Ls Rs (quad)
+    5: [(1, 0), (0, 1), (_MINUS_3DB, _MINUS_3DB), (_MINUS_3DB, 0), (0, _MINUS_3DB)],  # L R C Ls Rs (5.0)
+    6: [(1, 0), (0, 1), (_MINUS_3DB, _MINUS_3DB), (0, 0), (_MINUS_3DB, 0), (0, _MINUS_3DB)],  # 5.1
+    8: [(1, 0), (0, 1), (_MINUS_3DB, _MINUS_3DB), (0, 0), (_MINUS_3DB, 0), (0, _MINUS_3DB),  # 7.1
+        (_MINUS_3DB, 0), (0, _MINUS_3DB)],
+}
+
+
+def downmix_matrix(channels: int) -> torch.Tensor:
+    """The (2, channels) stereo down-mix of a `channels`-channel layout: ITU-R BS.775 for 3.0, quad,
+    5.0, 5.1 and 7.1 (centre and surrounds at -3 dB, LFE dropped); other counts put odd channels
+    left and even ones right. Rows are scaled so that no output can exceed the loudest input."""
+    if channels in _STEREO_DOWNMIX:
+        matrix = torch.tensor(_STEREO_DOWNMIX[channels], dtype=torch.float64).t()
+    else:
+        matrix = torch.zeros(2, channels, dtype=torch.float64)
+        matrix[0, 0::2] = 1.0
+        matrix[1, 1::2] = 1.0
+    return (matrix / matrix.sum(dim=1, keepdim=True)).float()
+
+
 def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
     """Change the channel count of a (..., channels, time) signal.
 
-    To mono: the average of all channels. From mono: the channel repeated. From more channels
-    than wanted (e.g. 5.1 to stereo): the first `channels` channels are kept, the others dropped.
-    Fewer channels (but one) than wanted is a :class:`DemixError`.
+    From mono: the channel repeated. To stereo from more channels: the standard down-mix of
+    :func:`downmix_matrix` (a 5.1 file keeps its centre, where vocals live). To mono: the average
+    of the stereo down-mix (of the channels themselves from stereo). Any other change (e.g. stereo
+    to 5.1) is a :class:`DemixError`.
     """
     current = wav.shape[-2]
     if current == channels:
         return wav
-    if channels == 1:
-        return wav.mean(dim=-2, keepdim=True)
     if current == 1:
         return wav.expand(*wav.shape[:-2], channels, wav.shape[-1])
-    if current > channels:
-        return wav[..., :channels, :]
+    if current > 2 and channels <= 2:
+        matrix = downmix_matrix(current).to(device=wav.device, dtype=wav.dtype)
+        wav = torch.einsum("oc,...ct->...ot", matrix, wav)
+        current = 2
+    if channels == 1:
+        return wav.mean(dim=-2, keepdim=True)
+    if current == channels:
+        return wav
     raise DemixError(f"cannot convert {current}-channel audio to {channels} channels")
 
 

@@ -77,8 +77,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     schedule = LearningRateSchedule(optimizer, SchedulerConfig(name="cosine", warmup_epochs=2), 10, "max")
     rates = []
     for epoch in range(10):
-        schedule.start_epoch(epoch)
-        rates.append(optimizer.param_groups[0]["lr"])
+        rates.append(optimizer.param_groups[0]["lr"])  # the rate epoch `epoch` trains with
+        schedule.end_epoch(0.0)
     assert rates[0] == pytest.approx(0.5e-3) and rates[1] == pytest.approx(1e-3)
     assert rates[2] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
     assert rates[2:] == sorted(rates[2:], reverse=True)
@@ -108,7 +108,7 @@ def test_ema_averages_weights_and_swapping_restores_them():
     ema = ModelEMA(model, 0.5)
     for value in (2.0, 4.0):
         torch.nn.init.constant_(model.weight, value)
-        ema.update(model)
+        ema.update()
     assert ema.name == "ema_0.5"
     assert ema.state_dict()["weight"].item() == pytest.approx(0.5 * (0.5 * 0 + 0.5 * 2) + 0.5 * 4)
     with swapped_weights(model, ema.state_dict()):

@@ -17,9 +17,9 @@ class SegmentDataset(Dataset):
     the same segment, whatever the worker, process or resume point. Tracks shorter than a
     segment are zero-padded at the end.
 
-    Call :meth:`set_epoch` before iterating over each epoch. DataLoader workers get a copy of
-    the dataset when an iterator is created, so use ``persistent_workers=False`` (the default):
-    persistent workers would keep the epoch of their first copy.
+    An item is an index, drawn for the epoch of :meth:`set_epoch`, or an (epoch, index) pair:
+    DataLoader workers keep their own copy of the dataset, so a sampler that hands them pairs
+    (:class:`demixlab.training.solver.EpochSampler`) lets them persist across epochs.
     """
 
     def __init__(self, tracks: tp.Sequence[Track], segment_frames: int, samples_per_track: int, seed: int):
@@ -40,11 +40,12 @@ class SegmentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.tracks) * self.samples_per_track
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, item: tp.Union[int, tp.Tuple[int, int]]) -> torch.Tensor:
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} examples")
         track = self.tracks[index // self.samples_per_track]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         offset = int(rng.integers(0, max(0, track.frames - self.segment_frames) + 1))
         wav = track.read_sources(offset, self.segment_frames)
         if wav.shape[-1] < self.segment_frames:

@@ -25,6 +25,7 @@ from . import bsseval
 logger = logging.getLogger(__name__)
 
 GLOBAL_SDR_EPS = 1e-7
+_SDR_BLOCK = 2 ** 20  # samples per block of the global SDR's sums
 SDR_BACKENDS = ("torch", "museval", "check")
 CHECK_TOLERANCE_DB = 0.01  # largest torch-vs-museval difference `check` accepts silently
 
@@ -32,11 +33,18 @@ TrackScores = tp.Dict[str, tp.Dict[str, float]]  # metric -> source -> value
 
 
 def global_sdr(references: torch.Tensor, estimates: torch.Tensor, eps: float = GLOBAL_SDR_EPS) -> torch.Tensor:
-    """MDX global SDR in dB of (..., S, C, T) estimates against references; returns (..., S)."""
-    references = references.double()
-    estimates = estimates.double()
-    signal = references.pow(2).sum(dim=(-2, -1))
-    error = (references - estimates).pow(2).sum(dim=(-2, -1))
+    """MDX global SDR in dB of (..., S, C, T) estimates against references; returns (..., S).
+
+    The energies are summed in float64, a block of samples at a time, so the memory used does
+    not grow with the track's length.
+    """
+    signal = references.new_zeros(references.shape[:-2], dtype=torch.float64)
+    error = torch.zeros_like(signal)
+    for start in range(0, references.shape[-1], _SDR_BLOCK):
+        reference = references[..., start:start + _SDR_BLOCK].double()
+        estimate = estimates[..., start:start + _SDR_BLOCK].to(reference.device).double()
+        signal += reference.pow(2).sum(dim=(-2, -1))
+        error += (reference - estimate).pow(2).sum(dim=(-2, -1))
     return 10 * torch.log10((signal + eps) / (error + eps))
 
 

@@ -88,7 +88,8 @@ def _overlap_add(model: SeparationModel, mixture: torch.Tensor, segment: tp.Opti
     device = _model_device(model)
     length = mixture.shape[-1]
     if segment is None or length <= segment:
-        return _run_chunk(model, mixture, 0, length, length, device).to(out_device)
+        estimate = _run_chunk(model, mixture, 0, length, length, device)
+        return estimate.to(out_device, dtype=torch.promote_types(estimate.dtype, torch.float32))
     stride = max(1, int((1 - overlap) * segment))
     # Triangular weights, never zero: chunk edges count least where chunks overlap.
     position = torch.arange(segment, dtype=torch.float32, device=out_device)
@@ -120,7 +121,9 @@ def _overlap_add(model: SeparationModel, mixture: torch.Tensor, segment: tp.Opti
                                       disable=not progress):
         chunk_length = estimate.shape[-1]
         if output is None:
-            output = torch.zeros(*estimate.shape[:-1], length, dtype=estimate.dtype, device=out_device)
+            # Accumulate in float32 at least: chunks estimated under bf16/fp16 autocast are blended exactly.
+            dtype = torch.promote_types(estimate.dtype, torch.float32)
+            output = torch.zeros(*estimate.shape[:-1], length, dtype=dtype, device=out_device)
         output[..., offset:offset + chunk_length] += weight[:chunk_length] * estimate
         total_weight[offset:offset + chunk_length] += weight[:chunk_length]
     assert output is not None

@@ -1,8 +1,9 @@
 """Training-time augmentations on batches of stems, and the schema of the `augment` section.
 
 Every transform is a small `nn.Module` whose `forward` takes sources of shape (B, S, C, T) and an
-explicit `torch.Generator`, so that an epoch's randomness depends only on its seed (exact resume,
-identical multi-process runs). The mixture is built afterwards as the sum of the augmented stems.
+explicit `torch.Generator` on the device of the batch (they run on the training device, after the
+transfer), so that an epoch's randomness depends only on its seed (exact resume, identical
+multi-process runs). The mixture is built afterwards as the sum of the augmented stems.
 """
 import typing as tp
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class AugmentConfig:
 
 
 def _draw(shape: tp.Sequence[int], generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(*shape, generator=generator)
+    return torch.rand(*shape, generator=generator, device=generator.device)
 
 
 class Shift(nn.Module):
@@ -52,8 +53,9 @@ class Shift(nn.Module):
     def forward(self, sources: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch, num_sources, channels, length = sources.shape
         out_length = length - self.shift
-        offsets = torch.randint(self.shift + 1, (batch, num_sources, 1, 1), generator=generator)
-        index = offsets + torch.arange(out_length).view(1, 1, 1, -1)
+        offsets = torch.randint(self.shift + 1, (batch, num_sources, 1, 1), generator=generator,
+                                device=generator.device)
+        index = offsets + torch.arange(out_length, device=generator.device).view(1, 1, 1, -1)
         return sources.gather(3, index.expand(batch, num_sources, channels, out_length))
 
 
@@ -107,12 +109,13 @@ class Remix(nn.Module):
     def forward(self, sources: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch, num_sources = sources.shape[:2]
         size = self.group_size or batch
-        index = torch.empty(batch, num_sources, dtype=torch.long)
+        index = torch.empty(batch, num_sources, dtype=torch.long, device=generator.device)
         for start in range(0, batch, size):
             count = min(size, batch - start)
             for source in range(num_sources):
-                index[start:start + count, source] = start + torch.randperm(count, generator=generator)
-        return sources[index, torch.arange(num_sources).view(1, -1)]
+                index[start:start + count, source] = start + torch.randperm(count, generator=generator,
+                                                                            device=generator.device)
+        return sources[index, torch.arange(num_sources, device=generator.device).view(1, -1)]
 
 
 class Augmentation(nn.Module):

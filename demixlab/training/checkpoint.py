@@ -1,7 +1,7 @@
 """Checkpoints: everything needed to resume an XP exactly, written atomically after every epoch.
 
 A checkpoint holds plain containers and tensors only (it loads with `weights_only=True`): the
-model, optimizer, schedule and EMA states, the training record (history, best state, parent XP,
+model, optimizer, schedule, gradient scaler and EMA states, the training record (history, best state, parent XP,
 whether training is done) and what the XP is (family, options, sources, rate, channels, the
 resolved configuration). Only rank 0 writes it.
 """
@@ -71,11 +71,12 @@ class Checkpointer:
         folder: the XP folder.
         identity: what the XP trains.
         config: the composed configuration (stored resolved, compared on resume).
-        model, optimizer, schedule, emas: the training state restored in place.
+        model, optimizer, schedule, grad_scaler, emas: the training state restored in place.
     """
 
     def __init__(self, folder: Path, identity: XPIdentity, config: DictConfig, *, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, schedule: LearningRateSchedule, emas: tp.Sequence[ModelEMA]):
+                 optimizer: torch.optim.Optimizer, schedule: LearningRateSchedule, grad_scaler: torch.amp.GradScaler,
+                 emas: tp.Sequence[ModelEMA]):
         self.folder = folder
         self.path = folder / CHECKPOINT_NAME
         self.identity = identity
@@ -83,6 +84,7 @@ class Checkpointer:
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
+        self.grad_scaler = grad_scaler
         self.emas = list(emas)
 
     def save(self, record: Record) -> None:
@@ -102,6 +104,7 @@ class Checkpointer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "grad_scaler": self.grad_scaler.state_dict(),
             "emas": {ema.name: ema.state_dict() for ema in self.emas},
             "best_state": record.best_state,
             "history": record.history,
@@ -122,6 +125,8 @@ class Checkpointer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if state.get("grad_scaler"):  # float16 AMP: the loss scale and its growth tracker
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
         for ema in self.emas:
             if ema.name in state["emas"]:
                 ema.load_state_dict(state["emas"][ema.name])

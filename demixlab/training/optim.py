@@ -106,66 +106,81 @@ def build_optimizer(model: SeparationModel, optim: OptimConfig) -> torch.optim.O
 
 
 class LearningRateSchedule:
-    """Per-epoch learning rate: constant, reduce-on-plateau of the best metric, cosine decay with
-    linear warm-up, or a step decay (times `factor` every `step_epochs` epochs). `state_dict` holds only plain values (safe to load with weights_only)."""
+    """The per-epoch learning rate, through `torch.optim.lr_scheduler`: constant (`none`),
+    `ReduceLROnPlateau` on the best metric (`plateau`), cosine decay after a linear warm-up
+    (`cosine`, a `LambdaLR`), or `StepLR` (`step`: times `factor` every `step_epochs` epochs).
+
+    The optimizer holds the learning rate of the coming epoch; :meth:`end_epoch` moves it on.
+    `state_dict` holds plain values only (it loads with `weights_only=True`).
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: SchedulerConfig, epochs: int, mode: str):
         self.optimizer = optimizer
         self.name = scheduler.name
-        self.epochs = epochs
-        self.warmup_epochs = int(scheduler.warmup_epochs)
-        self.factor = float(scheduler.factor)
-        self.step_epochs = int(scheduler.step_epochs)
-        self.plateau: tp.Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
+        lr_scheduler = torch.optim.lr_scheduler
+        self.scheduler: tp.Optional[tp.Any] = None
         if self.name == "plateau":
-            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=mode, factor=float(scheduler.factor), patience=int(scheduler.patience),
-                cooldown=int(scheduler.cooldown))
+            self.scheduler = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=float(scheduler.factor),
+                                                            patience=int(scheduler.patience),
+                                                            cooldown=int(scheduler.cooldown))
+        elif self.name == "step":
+            self.scheduler = lr_scheduler.StepLR(optimizer, step_size=int(scheduler.step_epochs),
+                                                 gamma=float(scheduler.factor))
+        elif self.name == "cosine":
+            warmup = int(scheduler.warmup_epochs)
 
-    def start_epoch(self, epoch: int) -> None:
-        """Set the learning rate for `epoch` (0-based) before training on it."""
-        if self.name == "step":
-            factor = self.factor ** (epoch // self.step_epochs)
-        elif self.name != "cosine":
-            return
-        elif epoch < self.warmup_epochs:
-            factor = (epoch + 1) / self.warmup_epochs
-        else:
-            progress = (epoch - self.warmup_epochs) / max(1, self.epochs - self.warmup_epochs)
-            factor = 0.5 * (1 + math.cos(math.pi * progress))
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
+            def factor(epoch: int) -> float:
+                if epoch < warmup:
+                    return (epoch + 1) / warmup
+                progress = (epoch - warmup) / max(1, epochs - warmup)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+            self.scheduler = lr_scheduler.LambdaLR(optimizer, factor)
 
     def end_epoch(self, metric: float) -> None:
-        """Report the epoch's value of the best metric (drives the plateau schedule)."""
-        if self.plateau is not None:
-            self.plateau.step(metric)
+        """Set the learning rate of the next epoch; `metric` is the epoch's value of the best metric
+        (what the plateau schedule watches)."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metric)
+        elif self.scheduler is not None:
+            self.scheduler.step()
 
     def state_dict(self) -> tp.Dict[str, tp.Any]:
-        """Plain-value state (the optimizer's learning rates are saved with the optimizer)."""
-        if self.plateau is None:
+        """The scheduler's state (the learning rates themselves are saved with the optimizer)."""
+        if self.scheduler is None:
             return {}
-        keys = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")
-        return {key: getattr(self.plateau, key) for key in keys}
+        return {key: value for key, value in self.scheduler.state_dict().items() if key != "lr_lambdas"}
 
     def load_state_dict(self, state: tp.Dict[str, tp.Any]) -> None:
-        """Restore what `state_dict` returned."""
-        if self.plateau is not None:
-            for key, value in state.items():
-                setattr(self.plateau, key, value)
-            self.plateau._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        """Restore what `state_dict` returned (an empty state, as a checkpoint of a constant
+        schedule has, leaves the scheduler as built)."""
+        if self.scheduler is not None and state:
+            self.scheduler.__dict__.update(state)
 
 
 class ModelEMA:
-    """An exponential moving average of a model's state: floating-point parameters and buffers
-    (e.g. BatchNorm running statistics) are averaged, integer buffers (e.g. BatchNorm's
-    `num_batches_tracked`) copied."""
+    """An exponential moving average of a model's state, updated in place with foreach kernels:
+    floating-point parameters and buffers (e.g. BatchNorm running statistics) are averaged,
+    integer buffers (e.g. BatchNorm's `num_batches_tracked`) copied.
+
+    Args:
+        model: the model whose state is averaged (its tensors are followed, not copied, between
+            updates: load weights into it in place, as `load_state_dict` does).
+        decay: weight of the old average at each update, in (0, 1).
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0 < decay < 1:
             raise DemixError(f"ema.decays must be in (0, 1), got {decay}")
         self.decay = decay
-        self.state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        live = model.state_dict()
+        self.state = {key: value.detach().clone() for key, value in live.items()}
+        floats = [key for key, value in live.items() if value.is_floating_point()]
+        self._float_average = [self.state[key] for key in floats]
+        self._float_live = [live[key] for key in floats]
+        others = [key for key, value in live.items() if not value.is_floating_point()]
+        self._other_average = [self.state[key] for key in others]
+        self._other_live = [live[key] for key in others]
 
     @property
     def name(self) -> str:
@@ -173,21 +188,19 @@ class ModelEMA:
         return f"ema_{self.decay:g}"
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """Blend the model's current weights into the average."""
-        for key, value in model.state_dict().items():
-            average = self.state[key]
-            if average.is_floating_point():
-                average.mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
-            else:
-                average.copy_(value)
+    def update(self) -> None:
+        """Blend the model's current weights into the average (one foreach kernel per dtype group)."""
+        if self._float_average:
+            torch._foreach_lerp_(self._float_average, self._float_live, 1 - self.decay)
+        for average, value in zip(self._other_average, self._other_live):
+            average.copy_(value)
 
     def state_dict(self) -> tp.Dict[str, torch.Tensor]:
         """The averaged weights, in the model's state-dict format."""
         return self.state
 
     def load_state_dict(self, state: tp.Dict[str, torch.Tensor]) -> None:
-        """Restore averaged weights."""
+        """Restore averaged weights (in place)."""
         for key, value in state.items():
             self.state[key].copy_(value)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from dora.log import LogProgress
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from ..data import build_datasets, resolve_cache_dir
 from ..errors import DemixError
@@ -37,6 +37,9 @@ from .validation import Validator
 logger = logging.getLogger(__name__)
 
 CALIBRATION_SEGMENTS_PER_TRACK = 8
+# Devices on which `amp.enabled` turns autocast (and, for float16, the gradient scaler) on. The CPU
+# is left out on purpose: autocast there is slower than float32. Tests add it to run the AMP path.
+AMP_DEVICES = ("cuda",)
 # Random streams derived from (seed, epoch); the rank is added to per-process streams.
 INIT_STREAM, DROPOUT_STREAM, AUGMENT_STREAM = 0, 1000, 2000
 
@@ -44,6 +47,27 @@ INIT_STREAM, DROPOUT_STREAM, AUGMENT_STREAM = 0, 1000, 2000
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A 63-bit seed for one random stream of one epoch (streams: data, augmentation, dropout...)."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler of indices into one of (epoch, index) pairs (see
+    :meth:`demixlab.data.SegmentDataset.__getitem__`), so that DataLoader workers that persist
+    across epochs still know which epoch an index belongs to."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: its shuffle and the epoch its examples are drawn for."""
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> tp.Iterator[tp.Tuple[int, int]]:
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def lookup(entry: tp.Mapping[str, tp.Any], path: str) -> tp.Any:
@@ -93,15 +117,17 @@ class Solver:
         self.record = Record()
         self.ddp_model = distrib.wrap(self.model)
         self.amp_dtype = getattr(torch, config.amp.dtype)
-        self.use_amp = config.amp.enabled and device.type == "cuda"
-        self.grad_scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.use_amp = config.amp.enabled and device.type in AMP_DEVICES
+        self.grad_scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self._loader: tp.Optional[DataLoader] = None
+        self._sampler: tp.Any = None
 
         raw = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(raw, dict)
         identity = XPIdentity(family=self.family.name, model_options=config.model_options, sources=self.sources,
                               samplerate=self.data.samplerate, audio_channels=self.data.channels)
         self.checkpointer = Checkpointer(folder, identity, cfg, model=self.model, optimizer=self.optimizer,
-                                         schedule=self.schedule, emas=self.emas)
+                                         schedule=self.schedule, grad_scaler=self.grad_scaler, emas=self.emas)
         self.validator = Validator(self.model, self.objective, self.data, config, device, self._autocast,
                                    report_info={"signature": folder.name, "dataset": raw["dset"]}, folder=folder)
         self.reporter = Reporter(folder, self.sources, config.epochs, title=f"XP {folder.name} ({self.family.name})")
@@ -130,6 +156,14 @@ class Solver:
             logger.info("initialised from %s %s", what, parent)
         else:
             self._calibrate()
+        self._synchronise()
+
+    def _synchronise(self) -> None:
+        """Start every process from rank 0's weights, buffers and EMAs (restoring and calibrating may
+        differ across processes: calibration sees each process' own data)."""
+        distrib.broadcast_tensors(list(self.model.parameters()) + list(self.model.buffers()))
+        for ema in self.emas:
+            distrib.broadcast_tensors(ema.state_dict().values())
 
     def _calibrate(self) -> None:
         if self.family.calibrate is None:
@@ -191,7 +225,6 @@ class Solver:
 
     def _run_epoch(self, epoch: int) -> None:
         entry: tp.Dict[str, tp.Any] = {"epoch": epoch + 1}
-        self.schedule.start_epoch(epoch)
         entry["train"] = self._train_epoch(epoch)
         entry["valid"] = self.validator.validate(epoch, self.emas)
         metric = self._best_metric_value(entry)
@@ -219,36 +252,44 @@ class Solver:
                 return ema.state_dict()
         return self.model.state_dict()
 
+    def _train_loader(self) -> DataLoader:
+        """The training DataLoader, built once: its sampler hands the workers (epoch, index) pairs,
+        so persistent workers draw the same examples as fresh ones would (exact resume)."""
+        if self._loader is None:
+            dataset = self.data.train
+            self._sampler = EpochSampler(DistributedSampler(dataset, num_replicas=distrib.world_size(),
+                                                            rank=distrib.rank(), shuffle=True, seed=self.config.seed,
+                                                            drop_last=True))
+            workers = self._num_workers()
+            self._loader = DataLoader(dataset, batch_size=self._local_batch_size(), sampler=self._sampler,
+                                      drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                                      pin_memory=self.device.type == "cuda")
+            if len(self._loader) == 0:
+                raise DemixError(f"batch_size={self.config.batch_size} is larger than the {len(dataset)} training "
+                                 f"examples per epoch (tracks x samples_per_track)")
+        return self._loader
+
     def _train_epoch(self, epoch: int) -> tp.Dict[str, float]:
+        """One epoch of training steps. Nothing in a step waits for the device: losses, gradient
+        norms and the first non-finite step are accumulated there and read at log points."""
         seed = self.config.seed
         torch.manual_seed(epoch_seed(seed, epoch, DROPOUT_STREAM + distrib.rank()))
-        augment_generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, AUGMENT_STREAM + distrib.rank()))
-        dataset = self.data.train
-        dataset.set_epoch(epoch)
-        sampler = DistributedSampler(dataset, num_replicas=distrib.world_size(), rank=distrib.rank(),
-                                     shuffle=True, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        batch_size = self._local_batch_size()
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                            num_workers=self._num_workers(),
-                            persistent_workers=False, pin_memory=self.device.type == "cuda")
-        if len(loader) == 0:
-            raise DemixError(f"batch_size={self.config.batch_size} is larger than the {len(dataset)} training "
-                             f"examples per epoch (tracks x samples_per_track)")
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(epoch_seed(seed, epoch, AUGMENT_STREAM + distrib.rank()))
+        loader = self._train_loader()
+        self._sampler.set_epoch(epoch)
         self.ddp_model.train()
-        totals: tp.Dict[str, float] = {}
-        count = 0
+        totals: tp.Dict[str, torch.Tensor] = {}
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         begin = time.time()
         progress = LogProgress(logger, loader, updates=self.config.misc.log_updates, name=f"Train | Epoch {epoch + 1}")
-        for sources in progress:
-            sources = self.augment(sources, augment_generator).to(self.device, non_blocking=True)
+        for step, sources in enumerate(progress):
+            sources = self.augment(sources.to(self.device, non_blocking=True), generator)
             mixture = sources.sum(dim=1)
             with self._autocast():
                 losses = self.objective(self.ddp_model, mixture, sources)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise DemixError(f"epoch {epoch + 1}: the training loss became {loss.item()}; "
-                                 "lower optim.lr or enable optim.clip_grad")
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             self.optimizer.zero_grad(set_to_none=True)
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -256,29 +297,43 @@ class Solver:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
             for ema in self.emas:
-                ema.update(self.model)
-            count += 1
+                ema.update()
             for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
-            progress.update(loss=f"{totals['loss'] / count:.4f}")
+                value = value.detach().float()
+                totals[key] = totals[key] + value if key in totals else value
+            totals["grad_norm"] = totals["grad_norm"] + grad_norm if "grad_norm" in totals else grad_norm
+            if progress.update() or step + 1 == len(loader):  # a log line (or the end): read the device once
+                self._check_finite(first_bad, epoch)
+                progress.update(loss=f"{float(totals['loss']) / (step + 1):.4f}")
+        count = len(loader)
         # DDP broadcasts buffers before each forward, which then updates them from each process'
         # own batch: after the last step the BatchNorm statistics (and their EMAs) differ.
         distrib.broadcast_tensors(self.model.buffers())
         for ema in self.emas:
             distrib.broadcast_tensors(ema.state_dict().values())
-        metrics = distrib.average_metrics({key: value / count for key, value in totals.items()}, count)
+        names = list(totals)
+        means = (torch.stack([totals[name] for name in names]) / count).tolist()
+        metrics = distrib.average_metrics(dict(zip(names, means)), count)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["duration"] = time.time() - begin
         return metrics
 
-    def _clip_gradients(self) -> float:
+    def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
+        step = int(first_bad)
+        if step >= 0:
+            raise DemixError(f"epoch {epoch + 1}, step {step + 1}: the training loss is not finite (NaN or inf); "
+                             "lower optim.lr or enable optim.clip_grad")
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The gradients' total norm (clipped to `optim.clip_grad` when positive), on the device."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.optim.clip_grad
         if max_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        norms = [p.grad.detach().norm() for p in params]
-        return float(torch.stack(norms).norm()) if norms else 0.0
+            return torch.nn.utils.clip_grad_norm_(params, max_norm).float()
+        if not params:
+            return torch.zeros((), device=self.device)
+        norms = torch._foreach_norm([p.grad for p in params])
+        return torch.linalg.vector_norm(torch.stack(norms)).float()
 
     def _test(self, epoch: int) -> tp.Dict[str, float]:
         state = self.record.best_state if self.record.best_state is not None else self.model.state_dict()

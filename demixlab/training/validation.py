@@ -31,6 +31,19 @@ from .optim import ModelEMA, swapped_weights
 logger = logging.getLogger(__name__)
 
 
+def choose_candidate(candidates: tp.Mapping[str, tp.Mapping[str, float]], metric: str, mode: str) -> str:
+    """The name of the best candidate (`main` first, then the EMAs) by `metric` (a `valid.KEY` of the
+    history; `main` for any other metric) in `mode` (max or min). A candidate without the metric
+    never wins, whichever way the metric is better."""
+    names = list(candidates)
+    if not metric.startswith("valid.") or len(names) == 1:
+        return names[0]
+    key = metric.split(".", 1)[1]
+    missing = -math.inf if mode == "max" else math.inf
+    pick = max if mode == "max" else min
+    return pick(names, key=lambda name: candidates[name].get(key, missing))
+
+
 class Validator:
     """Validates and tests one XP's model.
 
@@ -63,18 +76,39 @@ class Validator:
     # ----------------------------------------------------------------------------- validation
     def validate(self, epoch: int, emas: tp.Sequence[ModelEMA]) -> tp.Dict[str, tp.Any]:
         """Validate the raw weights and each EMA; the best of them by `best.metric` is reported,
-        with `state` naming it and the other candidates' metrics under their names."""
+        with `state` naming it and the other candidates' metrics under their names.
+
+        Each track is read once and scored by every candidate in turn (their weights swapped in).
+        """
         begin = time.time()
-        candidates = {"main": self._validate_state(epoch)}
-        for ema in emas:
-            with swapped_weights(self.model, ema.state_dict()):
-                candidates[ema.name] = self._validate_state(epoch, ema.name)
-        best = self.config.best
-        key = best.metric.split(".", 1)[1] if best.metric.startswith("valid.") else None
-        chosen = "main"
-        if key is not None and len(candidates) > 1:
-            pick = max if best.mode == "max" else min
-            chosen = pick(candidates, key=lambda name: candidates[name].get(key, -math.inf))
+        self.model.eval()
+        names = ["main"] + [ema.name for ema in emas]
+        states = {ema.name: ema.state_dict() for ema in emas}
+        loss_totals: tp.Dict[str, tp.Dict[str, torch.Tensor]] = {name: {} for name in names}
+        loss_count = 0
+        sdr_totals = {name: torch.zeros(len(self.sources), dtype=torch.float64) for name in names}
+        dataset = self.data.valid
+        indices = distrib.shard(range(len(dataset)))
+        label = "Valid" if not emas else f"Valid ({len(names)} candidates)"
+        raw = {key: value.detach().clone() for key, value in self.model.state_dict().items()} if emas else {}
+        try:
+            with torch.no_grad():
+                for index in LogProgress(logger, indices, updates=self.config.misc.log_updates,
+                                         name=f"{label} | Epoch {epoch + 1}"):
+                    _, mixture, sources = dataset[index]
+                    chunks = 0
+                    for name in names:
+                        if emas:
+                            self.model.load_state_dict(states.get(name, raw))
+                        chunks = self._track_losses(sources, loss_totals[name])
+                        sdr_totals[name] += global_sdr(sources, self.separate(mixture, shifts=0))
+                    loss_count += chunks
+        finally:
+            if emas:
+                self.model.load_state_dict(raw)
+        candidates = {name: self._metrics(loss_totals[name], loss_count, sdr_totals[name], len(indices))
+                      for name in names}
+        chosen = choose_candidate(candidates, self.config.best.metric, self.config.best.mode)
         metrics: tp.Dict[str, tp.Any] = dict(candidates[chosen])
         if len(candidates) > 1:
             metrics["state"] = chosen
@@ -84,31 +118,27 @@ class Validator:
         metrics["duration"] = time.time() - begin
         return metrics
 
-    @torch.no_grad()
-    def _validate_state(self, epoch: int, name: str = "main") -> tp.Dict[str, float]:
-        self.model.eval()
-        dataset = self.data.valid
-        indices = distrib.shard(range(len(dataset)))
-        loss_totals: tp.Dict[str, float] = {}
-        loss_count = 0
-        sdr_total = torch.zeros(len(self.sources), dtype=torch.float64)
-        label = "Valid" if name == "main" else f"Valid {name}"
-        for index in LogProgress(logger, indices, updates=self.config.misc.log_updates,
-                                 name=f"{label} | Epoch {epoch + 1}"):
-            _, mixture, sources = dataset[index]
-            for chunk_mixture, chunk_sources in self._loss_chunks(sources):
-                with self.autocast():
-                    losses = self.objective(self.model, chunk_mixture, chunk_sources)
-                loss_count += 1
-                for key, value in losses.items():
-                    loss_totals[key] = loss_totals.get(key, 0.0) + float(value)
-            estimate = self.separate(mixture, shifts=0)
-            sdr_total += global_sdr(sources, estimate)
-        tracks = max(1, len(indices))
-        metrics = {key: value / max(1, loss_count) for key, value in loss_totals.items()}
-        metrics = distrib.average_metrics(metrics, loss_count)
-        sdr = distrib.average_metrics({f"nsdr_{source}": float(sdr_total[i]) / tracks
-                                       for i, source in enumerate(self.sources)}, len(indices))
+    def _track_losses(self, sources: torch.Tensor, totals: tp.Dict[str, torch.Tensor]) -> int:
+        """Add the objective's values on one track's chunks to `totals` (on the device); returns the
+        number of chunks."""
+        count = 0
+        for chunk_mixture, chunk_sources in self._loss_chunks(sources):
+            with self.autocast():
+                losses = self.objective(self.model, chunk_mixture, chunk_sources)
+            count += 1
+            for key, value in losses.items():
+                value = value.detach().float()
+                totals[key] = totals[key] + value if key in totals else value
+        return count
+
+    def _metrics(self, loss_totals: tp.Dict[str, torch.Tensor], loss_count: int, sdr_total: torch.Tensor,
+                 tracks: int) -> tp.Dict[str, float]:
+        """One candidate's validation metrics, averaged across processes."""
+        names = list(loss_totals)
+        values = (torch.stack([loss_totals[name] for name in names]) / max(1, loss_count)).tolist() if names else []
+        metrics = distrib.average_metrics(dict(zip(names, values)), loss_count)
+        sdr = distrib.average_metrics({f"nsdr_{source}": float(sdr_total[i]) / max(1, tracks)
+                                       for i, source in enumerate(self.sources)}, tracks)
         metrics.update(sdr)
         metrics["nsdr"] = float(np.mean([sdr[f"nsdr_{source}"] for source in self.sources]))
         return metrics
