@@ -18,7 +18,7 @@ import typing as tp
 
 import torch
 
-from demixlab.training.allocator import keep_freed_memory
+from demixlab.training.allocator import tune_cpu_runtime
 from demixlab.models.demucs.hdemucs import HDemucs
 from demixlab.models.demucs.htdemucs import HTDemucs
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--models", default="hdemucs,htdemucs")
     args = parser.parse_args()
-    keep_freed_memory()
+    tune_cpu_runtime()
     torch.manual_seed(0)
     mixture = 0.3 * torch.randn(args.batch, 2, int(args.seconds * RATE))
     print(f"batch {args.batch} x {args.seconds:g} s stereo at {RATE} Hz, {torch.get_num_threads()} threads, "

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from demixlab.training.allocator import keep_freed_memory
+from demixlab.training.allocator import tune_cpu_runtime
 from demixlab.models import get_family
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA instead of bf16 autocast")
     args = parser.parse_args()
-    keep_freed_memory()  # as `dora run`: large CPU tensors are not faulted back in at every step
+    tune_cpu_runtime()  # as `dora run`: freed memory kept, oneDNN's kernel cache enlarged
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     device = torch.device(name)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"

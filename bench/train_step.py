@@ -4,7 +4,7 @@
 
 Prints forward, backward and optimizer times per step, and the minor page faults and system
 time each step costs: with glibc's default settings every step faults its large tensors back
-in; `demixlab.training.allocator.keep_freed_memory` (used by `dora run`) avoids that.
+in; `demixlab.training.allocator.tune_cpu_runtime` (used by `dora run`) avoids that.
 """
 import argparse
 import resource
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from demixlab.training.allocator import keep_freed_memory
+from demixlab.training.allocator import tune_cpu_runtime
 from demixlab.models import get_family
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's allocator settings alone")
     args = parser.parse_args()
     if not args.no_keep_memory:
-        keep_freed_memory()
+        tune_cpu_runtime()
     torch.manual_seed(0)
     family = get_family(args.family)
     model = family.build_model(SOURCES, 44100, 2, {})

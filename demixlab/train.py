@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from .errors import DemixError, exit_on_user_error
 from .experiment import hydra_main
 from .training import distrib
-from .training.allocator import keep_freed_memory
+from .training.allocator import tune_cpu_runtime
 from .training.config import parse_config
 from .training.solver import Solver
 
@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> None:
 def _train(cfg: DictConfig, xp: XP) -> None:
     if cfg.misc.verbose:
         logging.getLogger("demixlab").setLevel(logging.DEBUG)
-    keep_freed_memory()
+    tune_cpu_runtime()
     device = resolve_device(cfg.misc.device)
     distrib.init(device)
     logger.info("XP %s in %s, device %s", xp.sig, xp.folder, device)

@@ -370,8 +370,10 @@ def test_xumx_slicq_import_maps_targets_and_options(xumx_slicq_folder, tmp_path)
     for block in (0, 37, 69):
         assert torch.equal(package["state"][f"network.blocks.{block}.input_scale"],
                            theirs[f"sliced_umx.{block}.input_scale"])
+        grouped = package["state"][f"network.blocks.{block}.decode1.weight"]  # source s owns group s
+        width = grouped.shape[0] // len(SOURCES)
         for index, source in enumerate(SOURCES):  # demixlab's order <- the reference's
-            ours = package["state"][f"network.blocks.{block}.cdaes.{index}.decode1.weight"]
+            ours = grouped[index * width:(index + 1) * width]
             assert torch.equal(ours, theirs[f"sliced_umx.{block}.cdaes.{XUMX_ORDER.index(source)}.9.weight"])
     with pytest.raises(DemixError, match="not an xumx-sliCQ-V2 state dict"):
         import_main.__wrapped__(["xumx_slicq", str(repo / "slicq.th"), "-o", str(repo), "-n", "again"])

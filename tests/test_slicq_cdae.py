@@ -9,7 +9,7 @@ from torch import nn
 from demixlab.errors import DemixError
 from demixlab.models.losses import source_subsets
 from demixlab.models import get_family
-from demixlab.models.slicq.blocks import BlockCDAE, SliCQMaskNetwork, frequency_kernel
+from demixlab.models.slicq.blocks import BlockCDAE, CausalConv2d, SliCQMaskNetwork, frequency_kernel
 from demixlab.models.slicq.cdae import (REFERENCE_TARGETS, SliCQCDAE, build_slicq_cdae_objective,
                                         calibrate_slicq_cdae, complex_mse, export_onnx, load_reference_state_dict,
                                         mask_sum_loss, sd_sdr_loss)
@@ -57,10 +57,30 @@ def test_published_parameter_count_and_kernels():
     assert [frequency_kernel(bins) for bins in (1, 9, 10, 19, 20, 86)] == [1, 1, 3, 3, 5, 5]
     block = model.network.blocks[1]  # (86, 16): f = 5, stride 8
     assert (block.bins, block.frames) == (86, 16)
-    cdae = block.cdaes[0]
-    assert cdae.encode1.kernel_size == (5, 16) and cdae.encode1.stride == (1, 8) and cdae.encode1.bias is None
-    assert cdae.encode2.kernel_size == (5, 4) and cdae.decode2.kernel_size == (5, 4)
-    assert cdae.decode1.bias is not None and cdae.decode1.out_channels == 2
+    # The four sources' autoencoders as grouped layers: 2 channels in and out, 50/51 hidden, each.
+    assert block.encode1.kernel_size == (5, 16) and block.encode1.stride == (1, 8) and block.encode1.bias is None
+    assert block.encode1.groups == 4 and block.encode1.out_channels == 4 * 50 and block.encode2.out_channels == 4 * 51
+    assert block.encode2.kernel_size == (5, 4) and block.decode2.kernel_size == (5, 4)
+    assert block.decode1.bias is not None and block.decode1.out_channels == 4 * 2
+
+
+def test_per_source_state_dicts_load_into_the_grouped_layers():
+    """Model files of earlier versions hold one autoencoder per source (`cdaes.<s>.<layer>.*`)."""
+    torch.manual_seed(0)
+    block = _randomise(BlockCDAE(12, 16, sources=3, channels=2, hidden_1=4, hidden_2=5), 1)
+    old = {}
+    for key, value in block.state_dict().items():
+        layer, _, name = key.partition(".")
+        if layer in ("input_mean", "input_scale"):
+            old[key] = value
+            continue
+        width = value.shape[0] // 3 if value.dim() else None
+        for source in range(3):
+            old[f"cdaes.{source}.{key}"] = value if width is None else value[source * width:(source + 1) * width]
+    loaded = BlockCDAE(12, 16, sources=3, channels=2, hidden_1=4, hidden_2=5)
+    loaded.load_state_dict(old)
+    for key, value in block.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_masks_have_the_block_shapes():
@@ -236,7 +256,7 @@ def test_realtime_masks_are_causal_up_to_the_lookahead():
 def test_realtime_model_uses_the_mixture_phase(audio):
     mixture = audio[0][..., :22050]
     model = SliCQCDAE(SOURCES, 44100, 2, realtime=True, **SMALL).eval()
-    assert isinstance(model.network.blocks[0].cdaes[0].encode1, nn.Conv2d)
+    assert isinstance(model.network.blocks[0].encode1, CausalConv2d)
     with torch.no_grad():
         estimates, masks = model(mixture, for_loss=True)
         blocks = model.analyse(mixture)

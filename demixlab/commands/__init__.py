@@ -13,6 +13,7 @@ import typing as tp
 
 from .. import __version__
 from ..errors import exit_on_user_error
+from ..training.allocator import enlarge_kernel_cache
 
 # subcommand -> module of this package
 COMMANDS = {
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     """The `demixlab` console script."""
     args = build_parser().parse_args(argv)
+    enlarge_kernel_cache()
     module = importlib.import_module(f"{__name__}.{COMMANDS[args.command]}")
     module.run(args)
 

@@ -3,6 +3,7 @@
 An objective is called as `objective(model, mixture, sources)` with a possibly DDP-wrapped model,
 and returns a dict of scalar tensors whose "loss" entry is minimised (see :mod:`.registry`).
 """
+import functools
 import itertools
 import math
 import typing as tp
@@ -96,13 +97,35 @@ def source_subsets(count: int, combinations: str = "all") -> tp.List[tp.Tuple[in
     return subsets
 
 
-def subset_sums(stack: torch.Tensor, subsets: tp.Sequence[tp.Sequence[int]]) -> torch.Tensor:
-    """(B, S, ...) -> (K, B, ...): for each of the K subsets, the sum of its sources."""
-    membership = torch.zeros(len(subsets), stack.shape[1], dtype=stack.dtype, device=stack.device)
+def subset_matrix(subsets: tp.Sequence[tp.Sequence[int]], count: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """The (K, count) 0/1 matrix whose row k marks the sources of subset k (built once per
+    subsets, dtype and device, then reused)."""
+    return _subset_matrix(tuple(tuple(subset) for subset in subsets), count, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _subset_matrix(subsets: tp.Tuple[tp.Tuple[int, ...], ...], count: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    membership = torch.zeros(len(subsets), count, dtype=dtype)
     for row, subset in enumerate(subsets):
         membership[row, list(subset)] = 1
+    return membership.to(device)
+
+
+def subset_sums(stack: torch.Tensor, subsets: tp.Sequence[tp.Sequence[int]]) -> torch.Tensor:
+    """(B, S, ...) -> (K, B, ...): for each of the K subsets, the sum of its sources."""
+    membership = subset_matrix(subsets, stack.shape[1], stack.dtype, stack.device)
     # One contraction for all subsets: much cheaper, forward and backward, than indexing per subset.
     return torch.einsum("ks,bs...->kb...", membership, stack)
+
+
+def subset_weights(subsets: tp.Sequence[tp.Sequence[int]], source_weights: tp.Optional[tp.Sequence[float]]
+                   ) -> tp.Optional[tp.List[float]]:
+    """Each subset's weight in a combination loss: the mean weight of its sources (None: all equal)."""
+    if source_weights is None:
+        return None
+    return [sum(source_weights[index] for index in subset) / len(subset) for subset in subsets]
 
 
 def _sums_per_subset(stack: Stack, subsets: tp.Sequence[tp.Sequence[int]]) -> tp.List[tp.Any]:
@@ -136,8 +159,7 @@ def combination_loss(estimates: Stack, references: Stack, subset_loss: SubsetLos
         return losses.mean()
     if len(source_weights) != count:
         raise ValueError(f"expected {count} source weights, got {len(source_weights)}")
-    weights = losses.new_tensor([sum(source_weights[index] for index in subset) / len(subset)
-                                 for subset in subsets])
+    weights = losses.new_tensor(subset_weights(subsets, source_weights))
     return (losses * weights).sum() / weights.sum()
 
 

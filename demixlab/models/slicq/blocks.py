@@ -1,6 +1,6 @@
 """The per-block networks of sliCQ-CDAE (xumx-sliCQ-V2): convolutional denoising autoencoders
 that turn the magnitude of one block of a sliced constant-Q transform into one sigmoid mask per
-source.
+source; the sources' autoencoders of a block run together as grouped convolutions.
 
 Layouts: a block is (B, C, F_b, S, T_b) (S slices of T_b coefficients, slices overlapping 50% in
 time); the networks see it "flattened" to (B, C, F_b, S * T_b), the slices side by side, and the
@@ -34,44 +34,23 @@ class CausalConv2d(nn.Conv2d):
         return super().forward(F.pad(x, (self.kernel_size[1] - 1, 0)))
 
 
-class SourceCDAE(nn.Module):
-    """The autoencoder of one source for one block, on the normalised flattened block (B, C, F_b, N * T_b).
-
-    Conv2d(C -> hidden_1, (f, T_b), stride (1, T_b // 2), no bias) -> BN -> ReLU -> Conv2d(hidden_1
-    -> hidden_2, (f, 4), no bias) -> BN -> ReLU -> ConvTranspose2d(hidden_2 -> hidden_1, (f, 4), no
-    bias) -> BN -> ReLU -> ConvTranspose2d(hidden_1 -> C, (f, T_b), stride (1, T_b // 2)) ->
-    sigmoid, with f = :func:`frequency_kernel` (F_b); the first convolution is causal with `realtime`.
-    The output is cropped to the input's size (the causal padding adds half a slice at the end).
-    """
-
-    def __init__(self, bins: int, frames: int, channels: int = 2, hidden_1: int = 50, hidden_2: int = 51,
-                 realtime: bool = False):
-        super().__init__()
-        kernel = frequency_kernel(bins)
-        hop = frames // 2
-        first = CausalConv2d if realtime else nn.Conv2d
-        self.encode1 = first(channels, hidden_1, (kernel, frames), stride=(1, hop), bias=False)
-        self.norm1 = nn.BatchNorm2d(hidden_1)
-        self.encode2 = nn.Conv2d(hidden_1, hidden_2, (kernel, 4), bias=False)
-        self.norm2 = nn.BatchNorm2d(hidden_2)
-        self.decode2 = nn.ConvTranspose2d(hidden_2, hidden_1, (kernel, 4), bias=False)
-        self.norm3 = nn.BatchNorm2d(hidden_1)
-        self.decode1 = nn.ConvTranspose2d(hidden_1, channels, (kernel, frames), stride=(1, hop), bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, F_b, L) normalised magnitudes -> (B, C, F_b, L) mask in [0, 1]."""
-        length = x.shape[-1]
-        y = F.relu(self.norm1(self.encode1(x)))
-        y = F.relu(self.norm2(self.encode2(y)))
-        y = F.relu(self.norm3(self.decode2(y)))
-        return torch.sigmoid(self.decode1(y))[..., :length]
+_LAYERS = ("encode1", "norm1", "encode2", "norm2", "decode2", "norm3", "decode1")
 
 
 class BlockCDAE(nn.Module):
-    """The autoencoders of all sources for one block (B, C, F_b, N, T_b): one :class:`SourceCDAE`
-    per source (`cdaes`, in `sources` order) on the input normalised per bin as
+    """The autoencoders of all sources for one block (B, C, F_b, N, T_b), run as one network of
+    grouped convolutions (groups = sources), on the input normalised per bin as
     (x + input_mean) * input_scale (input_mean holds the negated mean, input_scale the reciprocal
     std, both trainable, as in Open-Unmix).
+
+    Each source's autoencoder is Conv2d(C -> hidden_1, (f, T_b), stride (1, T_b // 2), no bias)
+    -> BN -> ReLU -> Conv2d(hidden_1 -> hidden_2, (f, 4), no bias) -> BN -> ReLU ->
+    ConvTranspose2d(hidden_2 -> hidden_1, (f, 4), no bias) -> BN -> ReLU ->
+    ConvTranspose2d(hidden_1 -> C, (f, T_b), stride (1, T_b // 2)) -> sigmoid, with
+    f = :func:`frequency_kernel` (F_b); the first convolution is causal with `realtime`. Source s
+    owns group s of every layer (its channels [s * width, (s + 1) * width)); a state dict of
+    separate per-source autoencoders (`cdaes.<s>.<layer>.*`, the layout of earlier demixlab
+    versions) loads too.
 
     With `realtime`, a mask coefficient depends on the flattened input up to `lookahead`
     coefficients after it (the three frames of the (f, 4) convolutions, 3 * T_b // 2), never further.
@@ -86,10 +65,22 @@ class BlockCDAE(nn.Module):
         self.realtime = realtime
         self.input_mean = nn.Parameter(torch.zeros(bins))
         self.input_scale = nn.Parameter(torch.ones(bins))
-        self.cdaes = nn.ModuleList([SourceCDAE(bins, frames, channels, hidden_1, hidden_2, realtime)
-                                    for _ in range(sources)])
+        kernel = frequency_kernel(bins)
+        hop = frames // 2
+        first = CausalConv2d if realtime else nn.Conv2d
+        self.encode1 = first(sources * channels, sources * hidden_1, (kernel, frames), stride=(1, hop),
+                             groups=sources, bias=False)
+        self.norm1 = nn.BatchNorm2d(sources * hidden_1)
+        self.encode2 = nn.Conv2d(sources * hidden_1, sources * hidden_2, (kernel, 4), groups=sources, bias=False)
+        self.norm2 = nn.BatchNorm2d(sources * hidden_2)
+        self.decode2 = nn.ConvTranspose2d(sources * hidden_2, sources * hidden_1, (kernel, 4), groups=sources,
+                                          bias=False)
+        self.norm3 = nn.BatchNorm2d(sources * hidden_1)
+        self.decode1 = nn.ConvTranspose2d(sources * hidden_1, sources * channels, (kernel, frames), stride=(1, hop),
+                                          groups=sources, bias=True)
         # Output coefficient u depends on inputs up to (u // hop + 3) * hop.
-        self.lookahead = 3 * (frames // 2)
+        self.lookahead = 3 * hop
+        self._register_load_state_dict_pre_hook(self._group_per_source_state)
 
     def min_slices(self) -> int:
         """Fewest slices the autoencoders accept (the (f, 4) convolutions need 4 frames)."""
@@ -101,10 +92,27 @@ class BlockCDAE(nn.Module):
         if (bins, frames, channels) != (self.bins, self.frames, self.channels):
             raise ValueError(f"expected a block of {self.channels} channels, {self.bins} bins and {self.frames} "
                              f"coefficients per slice, got shape {tuple(magnitude.shape)}")
-        x = magnitude.reshape(batch, channels, bins, slices * frames)
+        length = slices * frames
+        x = magnitude.reshape(batch, channels, bins, length)
         x = (x + self.input_mean[:, None]) * self.input_scale[:, None]
-        masks = torch.stack([cdae(x) for cdae in self.cdaes], dim=1)
+        x = x.repeat(1, self.sources, 1, 1)  # every source's group sees the whole block
+        y = F.relu(self.norm1(self.encode1(x)))
+        y = F.relu(self.norm2(self.encode2(y)))
+        y = F.relu(self.norm3(self.decode2(y)))
+        # The output is cropped to the input's size (the causal padding adds half a slice at the end).
+        masks = torch.sigmoid(self.decode1(y))[..., :length]
         return masks.reshape(batch, self.sources, channels, bins, slices, frames)
+
+    def _group_per_source_state(self, state: tp.Dict[str, torch.Tensor], prefix: str, *args: tp.Any) -> None:
+        """Turn `cdaes.<s>.<layer>.<name>` entries (one autoencoder per source) into the grouped layers'."""
+        if f"{prefix}cdaes.0.encode1.weight" not in state:
+            return
+        for layer in _LAYERS:
+            names = {key[len(f"{prefix}cdaes.0.{layer}."):] for key in state
+                     if key.startswith(f"{prefix}cdaes.0.{layer}.")}
+            for name in names:
+                parts = [state.pop(f"{prefix}cdaes.{source}.{layer}.{name}") for source in range(self.sources)]
+                state[f"{prefix}{layer}.{name}"] = parts[0] if name == "num_batches_tracked" else torch.cat(parts)
 
 
 class SliCQMaskNetwork(nn.Module):

@@ -28,8 +28,8 @@ from ...files import atomic_path
 from ...spectral import wiener
 from ...spectral.slicqt import SliCQT, flatten_slices, unflatten_slices
 from ..contract import SeparationModel, require
-from ..losses import (Objective, combination_loss, non_negative, parse_source_weights,
-                      source_subsets)
+from ..losses import (Objective, combination_loss, non_negative, parse_source_weights, source_subsets,
+                      subset_sums, subset_weights)
 from .blocks import SliCQMaskNetwork
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,21 @@ def complex_mse(estimate: tp.Sequence[torch.Tensor], reference: tp.Sequence[torc
     return torch.stack([torch.view_as_real(e - r).square().mean() for e, r in zip(estimate, reference)]).mean()
 
 
+def complex_mse_per_subset(estimates: tp.Sequence[torch.Tensor], references: tp.Sequence[torch.Tensor],
+                           subsets: tp.Sequence[tp.Sequence[int]]) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """The complex MSE (as :func:`complex_mse`) of every source subset's summed blocks, (K,), and
+    of every source alone, (S,), from blocks (B, S, ...): one difference, one subset contraction
+    and two reductions per block (the sums of a subset's errors are the errors of its sums)."""
+    per_subset, per_source = [], []
+    for estimate, reference in zip(estimates, references):
+        difference = torch.view_as_real(estimate - reference)  # (B, S, ..., 2)
+        sources = difference.shape[1]
+        per_source.append(difference.square().transpose(0, 1).reshape(sources, -1).mean(dim=1))
+        sums = subset_sums(difference, subsets)  # (K, B, ..., 2)
+        per_subset.append(sums.square().reshape(len(subsets), -1).mean(dim=1))
+    return torch.stack(per_subset).mean(dim=0), torch.stack(per_source).mean(dim=0)
+
+
 def mask_sum_loss(masks: tp.Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean over blocks of MSE(sum of the sources' masks, 1): masks (B, S, ...) per block."""
     return torch.stack([(mask.float().sum(dim=1) - 1).square().mean() for mask in masks]).mean()
@@ -202,12 +217,17 @@ def build_slicq_cdae_objective(model: SliCQCDAE, *, combinations: str = "all", m
     # transform (a module without parameters) and only calls the model.
     transform = model.transform
     analyse = model.analyse
+    subset_weight = None
+    if source_weights is not None:
+        subset_weight = torch.tensor(subset_weights(subsets, weights), device=next(model.parameters()).device)
 
     def objective(model: nn.Module, mixture: torch.Tensor, references: torch.Tensor) -> tp.Dict[str, torch.Tensor]:
         estimates, masks = model(mixture, for_loss=True)
         with torch.no_grad():
             targets = analyse(references)  # (B, S, C, F_b, N, T_b) per block
-        loss_complex = combination_loss(estimates, targets, complex_mse, subsets, weights)
+        per_subset, per_source = complex_mse_per_subset(estimates, targets, subsets)
+        loss_complex = (per_subset * subset_weight).sum() / subset_weight.sum() if subset_weight is not None \
+            else per_subset.mean()
         loss_mask = mask_sum_loss(masks)
         loss = loss_complex + mask_coef * loss_mask
         metrics = {"loss_complex": loss_complex.detach(), "loss_mask": loss_mask.detach()}
@@ -218,10 +238,9 @@ def build_slicq_cdae_objective(model: SliCQCDAE, *, combinations: str = "all", m
             metrics["loss_sdr"] = loss_sdr.detach()
             loss = loss + sdr_coef * loss_sdr
         metrics["loss"] = loss
-        with torch.no_grad():
-            for index, name in enumerate(sources):
-                metrics[f"loss_{name}"] = complex_mse([e[:, index] for e in estimates],
-                                                      [t[:, index] for t in targets])
+        per_source = per_source.detach()
+        for index, name in enumerate(sources):
+            metrics[f"loss_{name}"] = per_source[index]
         return metrics
 
     return objective
@@ -292,13 +311,19 @@ def load_reference_state_dict(model: SliCQCDAE, state: tp.Mapping[str, torch.Ten
     try:
         for index in range(len(blocks)):
             prefix = f"sliced_umx.{index}"
-            converted[f"network.blocks.{index}.input_mean"] = state[f"{prefix}.input_mean"]
-            converted[f"network.blocks.{index}.input_scale"] = state[f"{prefix}.input_scale"]
+            ours = f"network.blocks.{index}."
+            converted[f"{ours}input_mean"] = state[f"{prefix}.input_mean"]
+            converted[f"{ours}input_scale"] = state[f"{prefix}.input_scale"]
             for source, target in enumerate(order):
-                ours = f"network.blocks.{index}.cdaes.{source}"
                 for name, position in layers.items():
-                    for key in getattr(blocks[index].cdaes[source], name).state_dict():
-                        converted[f"{ours}.{name}.{key}"] = state[f"{prefix}.cdaes.{target}.{position}.{key}"]
+                    layer = f"{prefix}.cdaes.{target}.{position}."
+                    keys = [key for key in state if key.startswith(layer)]
+                    if not keys:
+                        raise KeyError(f"{layer}*")
+                    for key in keys:
+                        converted[f"{ours}cdaes.{source}.{name}.{key[len(layer):]}"] = state[key]
+            # One autoencoder per source, as the reference has them -> the block's grouped layers.
+            blocks[index]._group_per_source_state(converted, ours)
     except KeyError as error:
         raise DemixError(f"the reference state dict misses {error.args[0]!r}") from None
     current = model.state_dict()
