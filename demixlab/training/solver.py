@@ -281,6 +281,8 @@ class Solver:
         self.ddp_model.train()
         totals: tp.Dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         begin = time.time()
         progress = LogProgress(logger, loader, updates=self.config.misc.log_updates, name=f"Train | Epoch {epoch + 1}")
         for step, sources in enumerate(progress):
@@ -316,6 +318,8 @@ class Solver:
         metrics = distrib.average_metrics(dict(zip(names, means)), count)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["duration"] = time.time() - begin
+        if self.device.type == "cuda":  # this process' peak of allocated tensors in the epoch
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         return metrics
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
