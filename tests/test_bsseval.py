@@ -176,20 +176,3 @@ def test_band_limited_references_warn_that_isr_sir_sar_are_ill_defined(caplog, m
     for metric in ("isr", "sir", "sar"):  # ill-defined but not garbage: the dense fallback stays finite
         assert torch.isfinite(got[metric]).all(), metric
 
-
-def test_block_levinson_solves_the_dense_gram_systems_and_checks_its_residual():
-    from demixlab.evaluation.bsseval import _lagged_correlations, _residual, _solve_block_toeplitz, _solve_dense
-    lag = 15
-    systems = []
-    for seed in (5, 6):  # two independent well-conditioned block Toeplitz systems, solved together
-        signals = clip(2, 1, seed=seed).reshape(4, -1)
-        systems.append(_lagged_correlations(signals, signals, lag)[:, :, lag:].permute(2, 0, 1))
-    blocks = torch.stack(systems)  # (2, 16, 4, 4)
-    rhs = torch.randn(2, 16, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    regularised = blocks.clone()
-    regularised[:, 0] += torch.finfo(torch.float64).eps * torch.eye(4, dtype=torch.float64)
-    expected = _solve_dense(regularised, rhs)
-    got = _solve_block_toeplitz(blocks, rhs)
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    assert _residual(regularised, expected, rhs) < 1e-13
-    assert _residual(regularised, expected * 1.01, rhs) > 1e-3  # the residual sees a wrong solution
