@@ -1,6 +1,7 @@
 """MoisesDB and Slakh2100 layouts on tiny datasets the tests write in each layout."""
 import json
 import os
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from demixlab.data import scan as scan_module
 from demixlab.data.config import MoisesSpec, SlakhSpec
 from demixlab.data.layouts import MappedTrack
 from demixlab.errors import DemixError
+from tests.cli import TINY_SOLVER
 from tests.test_data import expect_error, snapshot
 
 SR = 8000
@@ -22,9 +24,9 @@ FOUR = ["drums", "bass", "other", "vocals"]
 SIX = ["drums", "bass", "other", "vocals", "guitar", "piano"]
 
 
-def tone(seed: int, channels: int, frames: int = FRAMES) -> np.ndarray:
-    """A distinct random signal (channels, frames)."""
-    return (0.05 * np.random.default_rng(seed).standard_normal((channels, frames))).astype(np.float32)
+def tone(seed: int, channels: int) -> np.ndarray:
+    """A distinct random signal (channels, FRAMES)."""
+    return (0.05 * np.random.default_rng(seed).standard_normal((channels, FRAMES))).astype(np.float32)
 
 
 # A MoisesDB track: {category: [(file id, track type), ...]}.
@@ -297,3 +299,23 @@ def test_slakh_short_mix_is_named(tmp_path):
     sf.write(mix, np.zeros(FRAMES // 2), SR)
     expect_error(lambda: build(slakh_config(root), tmp_path), "Track01876", "same length")
     assert os.path.exists(mix)
+
+
+# A tiny `dora run` per layout (in this process), longer tracks so that 1 s segments fit.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["moisesdb", "slakh"])
+def test_a_tiny_training_run_per_layout(layout, tmp_path, in_process, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "FRAMES", 2 * SR)
+    root = tmp_path / layout
+    if layout == "moisesdb":
+        write_moisesdb(root)
+        args = ["dset=moisesdb", "dset.moisesdb.valid=[1b-song]", "dset.moisesdb.test=[2c-song]"]
+    else:
+        write_slakh(root)
+        args = ["dset=slakh"]
+    assert in_process(*args, f"dset.root={root}", f"dset.samplerate={SR}", *TINY_SOLVER, "epochs=1",
+                      "valid.segment=1.0", "model.bandwidth=3000") == 0
+    history, = json.loads(next((tmp_path / "outputs" / "xps").iterdir()).joinpath("history.json").read_text())
+    assert np.isfinite(history["train"]["loss"]) and "nsdr" in history["valid"]
