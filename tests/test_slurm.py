@@ -74,9 +74,9 @@ def slurm(slurm_cluster, tmp_path):
 
 
 def queue(env: dict) -> dict:
-    """Job id -> state of the jobs Slurm lists (pending, running, completing)."""
-    out = subprocess.run(["squeue", "-h", "-o", "%A %T"], env=env, capture_output=True, text=True).stdout
-    return dict(line.split() for line in out.splitlines() if line.strip())
+    """Job id -> state (and why, when pending) of the jobs Slurm lists (pending, running, completing)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%A %T %r"], env=env, capture_output=True, text=True).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
 
 
 def submitted_jobs(folder: Path, env: dict) -> set:

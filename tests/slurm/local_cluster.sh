@@ -51,7 +51,7 @@ print(*(sock.getsockname()[1] for sock in sockets))'
 write_config() {
   local host cpus memory ctld_port slurmd_port
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys both (the tests set the first)
   read -r ctld_port slurmd_port < <(free_ports)
   # Leave 1 GiB to the system; Slurm refuses a node whose RealMemory exceeds what it finds.
   memory=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
