@@ -1,5 +1,6 @@
 """The test machinery itself: waits bounded by progress (tests/progress.py) and the detection of
-processes a session leaves behind (tests/leftovers.py). Each test takes a few seconds."""
+processes a session leaves behind (tests/leftovers.py). Each test takes a few seconds, the last one
+(a whole session) about 15."""
 import os
 import signal
 import subprocess
@@ -148,6 +149,7 @@ def test_that_leaks_a_process(tmp_path):
 '''
 
 
+@pytest.mark.slow  # a pytest session in a subprocess, which waits 10 s for the leaked process to end
 @pytest.mark.skipif(not leftovers.supported(), reason="needs /proc")
 def test_a_session_that_leaves_a_process_behind_fails_naming_it_and_kills_it(tmp_path):
     (tmp_path / "conftest.py").write_text("from tests.conftest import no_process_left_behind  # noqa: F401\n")
