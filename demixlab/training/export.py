@@ -28,7 +28,7 @@ def find_xp_folder(signature: str, dora_dir: tp.Optional[Path] = None) -> Path:
     to the configured `dora.dir` (outputs/ under the current directory)."""
     folder = Path(dora_dir if dora_dir is not None else default_dora_dir()) / "xps" / signature
     if not folder.is_dir():
-        raise DemixError(f"unknown experiment {signature}: no folder {folder} (run the export from the "
+        raise DemixError(f"unknown experiment {signature}: no folder {folder} (run demixlab from the "
                          "directory `dora run` ran in, or pass --dora-dir)")
     return folder
 

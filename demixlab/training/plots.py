@@ -1,5 +1,8 @@
-"""Training curves of an XP as a PNG (matplotlib, imported lazily with the Agg backend)."""
+"""Plots of XPs as PNGs (matplotlib, imported lazily with the Agg backend): an XP's training curves,
+the comparison of several XPs."""
+import math
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import atomic_path
@@ -37,6 +40,82 @@ def plot_history(history: tp.Sequence[tp.Mapping[str, tp.Any]], sources: tp.Sequ
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+
+
+@dataclass
+class ComparedXP:
+    """What the comparison plot shows of one XP.
+
+    Attributes:
+        label: its legend entry.
+        valid: the best epoch's validation global SDR by source (and `mean`); empty before epoch 1.
+        test: the test global SDR by source (and `mean`); empty when not tested yet.
+        epochs: the epochs done.
+        curve: the validation global SDR (mean over sources) of each epoch done.
+        best_epoch: the best epoch so far, None before epoch 1.
+    """
+
+    label: str
+    valid: tp.Dict[str, float]
+    test: tp.Dict[str, float]
+    epochs: tp.List[int]
+    curve: tp.List[float]
+    best_epoch: tp.Optional[int]
+
+
+def plot_comparison(groups: tp.Sequence[tp.Tuple[str, tp.Sequence[ComparedXP]]], path: tp.Union[str, Path]) -> None:
+    """Write `path`: one row per test set, with the XPs side by side as grouped bars (one group of
+    bars per source and the mean): the best epoch's validation global SDR (left) and the test
+    global SDR (middle), and the validation curves overlaid (right, best epochs starred). An XP
+    keeps its colour in the three panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    count = max(len(xps) for _, xps in groups)
+    colours = plt.get_cmap("tab10" if count <= 10 else "tab20")
+    figure, axes = plt.subplots(len(groups), 3, figsize=(17, 4.2 * len(groups)), squeeze=False,
+                                gridspec_kw={"width_ratios": [1.15, 1.15, 1]})
+    for (label, xps), (valid_axis, test_axis, curve_axis) in zip(groups, axes):
+        columns = list(dict.fromkeys(key for xp in xps for key in (*xp.valid, *xp.test) if key != "mean")) + ["mean"]
+        for axis, attribute, name in ((valid_axis, "valid", "validation global SDR, best epoch [dB]"),
+                                      (test_axis, "test", "test global SDR [dB]")):
+            width = 0.8 / max(1, len(xps))
+            drawn = False
+            for index, xp in enumerate(xps):
+                scores = getattr(xp, attribute)
+                positions = [column + (index - (len(xps) - 1) / 2) * width for column in range(len(columns))]
+                values = [scores.get(key, math.nan) for key in columns]
+                if any(math.isfinite(value) for value in values):
+                    axis.bar(positions, values, width=width, color=colours(index % colours.N), label=xp.label)
+                    drawn = True
+            axis.axhline(0, color="black", linewidth=0.6)
+            axis.set_xticks(range(len(columns)), columns)
+            axis.set_ylabel(name)
+            axis.grid(axis="y", alpha=0.3)
+            if not drawn:
+                axis.text(0.5, 0.5, "no XP has this yet", transform=axis.transAxes, ha="center", va="center",
+                          color="grey")
+        valid_axis.set_title(f"test set: {label}", loc="left", fontsize="medium")
+        for index, xp in enumerate(xps):
+            colour = colours(index % colours.N)
+            curve_axis.plot(xp.epochs, xp.curve, marker="o", markersize=3, color=colour, label=xp.label)
+            if xp.best_epoch is not None and xp.best_epoch in xp.epochs:
+                curve_axis.scatter([xp.best_epoch], [xp.curve[xp.epochs.index(xp.best_epoch)]], marker="*",
+                                   s=90, color=colour, edgecolor="black", linewidth=0.5, zorder=3)
+        curve_axis.set_xlabel("epoch")
+        curve_axis.set_ylabel("validation global SDR, mean [dB]")
+        curve_axis.set_xlim(0.5, max([epoch for xp in xps for epoch in xp.epochs] + [1]) + 0.5)
+        curve_axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        curve_axis.grid(alpha=0.3)
+        curve_axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                          title="XP (* best epoch)", title_fontsize="small")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
