@@ -22,6 +22,7 @@ PINNED = [
     (["misc.num_workers=0", "misc.device=cpu"], "97d170e1", "7468feae"),
     (["slurm.gpus=8"], "97d170e1", "7468feae"),
     (["test.sdr_backend=museval"], "97d170e1", "7468feae"),  # how scores are computed, not what is trained
+    (["valid.audio_every=1", "valid.audio_seconds=5"], "97d170e1", "7468feae"),  # what TensorBoard shows
     (["epochs=3"], "bdcea226", "46880a23"),
     (["model=umx", "epochs=3"], "bdcea226", "46880a23"),
     (["variant=finetune"], "d854b28e", "5bfc33d6"),

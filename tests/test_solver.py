@@ -116,6 +116,41 @@ def test_persistent_loader_workers_draw_the_same_examples(tmp_path, run_in):
     assert histories[0] == histories[1]
 
 
+def _tensorboard_media(workdir: Path) -> tp.Tuple[tp.Dict[str, tp.List[tp.Any]], tp.Dict[str, tp.List[tp.Any]]]:
+    """The audio and image events of the XP in `workdir`, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import AUDIO, IMAGES, EventAccumulator
+
+    folder, = (workdir / "outputs" / "xps").iterdir()
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={AUDIO: 0, IMAGES: 0})
+    events.Reload()
+    tags = events.Tags()
+    return ({tag: events.Audio(tag) for tag in tags["audio"]}, {tag: events.Images(tag) for tag in tags["images"]})
+
+
+def test_validation_audio_and_spectrograms_go_to_tensorboard_every_n_epochs_only_when_asked(tmp_path, run_in):
+    args = [*RUN, "ema.decays=[0.5]"]  # the excerpt is separated by the epoch's best candidate
+    assert run_in("media", *args, "valid.audio_every=2", "valid.audio_seconds=1.5") == 0
+    assert run_in("plain", *args) == 0
+    audio, images = _tensorboard_media(tmp_path / "media")
+    tags = ["mixture"] + [f"{source}/{kind}" for source in ("drums", "bass", "other", "vocals")
+                          for kind in ("reference", "estimate")]
+    assert sorted(audio) == sorted(f"audio/{tag}" for tag in tags)
+    assert sorted(images) == sorted(f"spectrogram/{tag}" for tag in tags)
+    for events in (*audio.values(), *images.values()):
+        assert [event.step for event in events] == [2]  # epochs=3, every 2 epochs
+    clip = audio["audio/vocals/estimate"][0]
+    assert clip.sample_rate == 44100 and clip.length_frames == int(1.5 * 44100)
+    picture = images["spectrogram/vocals/reference"][0]
+    assert picture.encoded_image_string.startswith(b"\x89PNG") and picture.width > picture.height > 100
+    # The estimate is not the reference: the excerpt really went through the model.
+    assert audio["audio/vocals/estimate"][0].encoded_audio_string != audio["audio/vocals/reference"][0].encoded_audio_string
+    assert _tensorboard_media(tmp_path / "plain") == ({}, {})
+    # Logging media changes neither the signature nor training.
+    assert [folder.name for folder in (tmp_path / "media" / "outputs" / "xps").iterdir()] == [
+        folder.name for folder in (tmp_path / "plain" / "outputs" / "xps").iterdir()]
+    assert _without_durations(_history(tmp_path / "media")) == _without_durations(_history(tmp_path / "plain"))
+
+
 def test_early_stopping_ends_training_after_patience_epochs_without_improvement(in_process, tmp_path):
     # The learning rate (constant here) as the metric: only the first epoch is ever the best.
     assert in_process(*RUN, "epochs=6", "best.metric=train.lr", "early_stop.patience=1") == 0

@@ -174,6 +174,8 @@ def test_bad_data_is_a_one_line_error_naming_the_file(tmp_path, in_process, caps
     (["epochs=0"], "epochs must be a positive integer"),
     (["epochs=many"], "epochs: Value 'many' of type 'str' could not be converted to Integer"),
     (["valid.overlap=1.5"], "valid.overlap must be in [0, 1)"),
+    (["valid.audio_every=-1"], "valid.audio_every must be >= 0, got -1"),
+    (["valid.audio_seconds=0"], "valid.audio_seconds must be a positive number of seconds, got 0"),
     (["model.hidden_size=big"], "model.hidden_size: Value 'big' of type 'str' could not be converted to Integer"),
     (["loss.source_weights={vocals: loud}"], "loss.source_weights.vocals: Value 'loud'"),
     (["best.mode=maximum"], "best.mode must be one of max, min, got 'maximum'"),

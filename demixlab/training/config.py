@@ -78,16 +78,23 @@ class AmpConfig:
 
 @dataclass
 class ValidConfig:
-    """`valid`: how validation and test tracks are separated (chunks of `segment` seconds)."""
+    """`valid`: how validation and test tracks are separated (chunks of `segment` seconds), and how
+    often an excerpt of `audio_seconds` goes to TensorBoard as audio and spectrograms (0: never;
+    not in the signature)."""
 
     segment: tp.Optional[float] = None  # None: whole tracks
     overlap: float = 0.25
+    audio_every: int = 0
+    audio_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.segment is not None and self.segment <= 0:
             raise DemixError(f"valid.segment must be a positive number of seconds or null, got {self.segment}")
         if not 0 <= self.overlap < 1:
             raise DemixError(f"valid.overlap must be in [0, 1), got {self.overlap}")
+        _at_least("valid.audio_every", self.audio_every, 0)
+        if not self.audio_seconds > 0:
+            raise DemixError(f"valid.audio_seconds must be a positive number of seconds, got {self.audio_seconds}")
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""Plots of XPs as PNGs (matplotlib, imported lazily with the Agg backend): an XP's training curves,
-the comparison of several XPs."""
+"""Plots of XPs (matplotlib, imported lazily with the Agg backend): an XP's training curves and the
+comparison of several XPs as PNGs, spectrograms as images for TensorBoard."""
 import math
 import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ..files import atomic_path
 
@@ -120,3 +123,46 @@ def plot_comparison(groups: tp.Sequence[tp.Tuple[str, tp.Sequence[ComparedXP]]],
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     plt.close(figure)
+
+
+def log_magnitude(waveform: torch.Tensor, n_fft: int = 2048, hop: int = 512) -> np.ndarray:
+    """The (frequency, frame) STFT magnitude of a (C, T) waveform, channels averaged, in dB."""
+    mono = waveform.float().mean(dim=0)
+    if mono.shape[-1] < n_fft:
+        mono = torch.nn.functional.pad(mono, (0, n_fft - mono.shape[-1]))
+    spectrum = torch.stft(mono, n_fft, hop_length=hop, window=torch.hann_window(n_fft), return_complex=True)
+    return 20.0 * np.log10(np.maximum(spectrum.abs().numpy(), 1e-10))
+
+
+def spectrogram_image(decibels: np.ndarray, samplerate: int, hop: int, title: str, top: float,
+                      dynamic_range: float = 80.0, cmap: str = "inferno", rows: int = 256,
+                      lowest: float = 30.0) -> np.ndarray:
+    """Render a (frequency, frame) dB spectrogram as an (H, W, 3) uint8 RGB image: time in seconds,
+    a log-frequency axis in Hz from `lowest` to Nyquist (`rows` rows, interpolated between bins),
+    colours from `top` dB down by `dynamic_range`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nyquist = samplerate / 2
+    position = np.geomspace(lowest, nyquist, rows) / nyquist * (decibels.shape[0] - 1)
+    below = np.minimum(np.floor(position).astype(int), decibels.shape[0] - 2)
+    weight = (position - below)[:, None]
+    resampled = decibels[below] * (1 - weight) + decibels[below + 1] * weight
+    duration = decibels.shape[1] * hop / samplerate
+    figure, axes = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    image = axes.imshow(resampled, origin="lower", aspect="auto", interpolation="nearest", cmap=cmap,
+                        vmin=top - dynamic_range, vmax=top,
+                        extent=(0.0, duration, np.log10(lowest), np.log10(nyquist)))
+    ticks = [f for f in (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000) if lowest <= f <= nyquist]
+    axes.set_yticks(np.log10(ticks), [f"{f}" if f < 1000 else f"{f // 1000}k" for f in ticks])
+    axes.set_xlabel("Time (s)")
+    axes.set_ylabel("Frequency (Hz)")
+    axes.set_title(title, fontsize="medium")
+    figure.colorbar(image, ax=axes, pad=0.01, label="dB")
+    figure.tight_layout()
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return pixels

@@ -1,4 +1,5 @@
-"""What an XP shows while it trains: log lines, TensorBoard scalars, `curves.png` and Dora's history.
+"""What an XP shows while it trains: log lines, TensorBoard scalars (and, every `valid.audio_every`
+epochs, audio and spectrograms of a validation excerpt), `curves.png` and Dora's history.
 
 Everything here runs on rank 0 only; other processes call the same methods, which do nothing.
 """
@@ -7,9 +8,12 @@ import math
 import typing as tp
 from pathlib import Path
 
+import numpy as np
+
 from ..evaluation.metrics import format_table
 from . import distrib
-from .plots import plot_history
+from .plots import log_magnitude, plot_history, spectrogram_image
+from .validation import MediaExcerpt
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +54,47 @@ class Reporter:
         """TensorBoard scalars of one epoch, under train/, valid/ and test/."""
         if not distrib.is_master():
             return
+        writer = self._writer_from(entry["epoch"])
+        for section in ("train", "valid", "test"):
+            for key, value in entry.get(section, {}).items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(f"{section}/{key}", value, entry["epoch"])
+        writer.flush()
+
+    def _writer_from(self, step: int) -> tp.Any:
+        """The TensorBoard writer, opened at `step` the first time."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events that a crashed run logged after its last checkpoint.
-            self._writer = SummaryWriter(log_dir=str(self.folder / "tensorboard"), purge_step=entry["epoch"])
-        for section in ("train", "valid", "test"):
-            for key, value in entry.get(section, {}).items():
-                if isinstance(value, (int, float)):
-                    self._writer.add_scalar(f"{section}/{key}", value, entry["epoch"])
-        self._writer.flush()
+            self._writer = SummaryWriter(log_dir=str(self.folder / "tensorboard"), purge_step=step)
+        return self._writer
+
+    def media(self, epoch: int, excerpt: MediaExcerpt) -> None:
+        """TensorBoard audio (mono down-mixes) and log-magnitude spectrograms of a validation
+        excerpt: `audio/mixture`, `audio/SOURCE/reference`, `audio/SOURCE/estimate`, and the same
+        tags under `spectrogram/`. All signals share one gain, so that the loudest peaks at 1 at most
+        and their levels stay comparable; the spectrograms share one colour scale."""
+        if not distrib.is_master():
+            return
+        writer = self._writer_from(epoch)
+        signals = {"mixture": excerpt.mixture}
+        for index, source in enumerate(excerpt.sources):
+            signals[f"{source}/reference"] = excerpt.references[index]
+            signals[f"{source}/estimate"] = excerpt.estimates[index]
+        mono = {name: signal.mean(dim=0) for name, signal in signals.items()}
+        gain = 1.0 / max(1.0, max(float(signal.abs().max()) for signal in mono.values()))
+        hop = 512
+        decibels = {name: log_magnitude(signal, hop=hop) for name, signal in signals.items()}
+        top = float(np.quantile(decibels["mixture"], 0.999))
+        end = excerpt.start + excerpt.mixture.shape[-1] / excerpt.samplerate
+        where = f"epoch {epoch}, {excerpt.track} {excerpt.start:.1f}-{end:.1f} s"
+        for name, signal in mono.items():
+            writer.add_audio(f"audio/{name}", signal * gain, epoch, sample_rate=excerpt.samplerate)
+            image = spectrogram_image(decibels[name], excerpt.samplerate, hop, f"{name.replace('/', ' ')}, {where}",
+                                      top=top)
+            writer.add_image(f"spectrogram/{name}", image, epoch, dataformats="HWC")
+        writer.flush()
 
     def _log_epoch(self, entry: tp.Mapping[str, tp.Any]) -> None:
         valid = entry["valid"]

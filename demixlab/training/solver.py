@@ -246,6 +246,10 @@ class Solver:
         self.record.history.append(entry)
         self.checkpointer.save(self.record)
         self.reporter.epoch(entry, self.record.history)
+        audio_every = self.config.valid.audio_every
+        if audio_every and (epoch + 1) % audio_every == 0 and distrib.is_master():
+            state = self._state_of(entry["valid"].get("state", "main"))
+            self.reporter.media(epoch + 1, self.validator.media_excerpt(state, self.config.valid.audio_seconds))
 
     def _state_of(self, name: str) -> tp.Dict[str, torch.Tensor]:
         for ema in self.emas:

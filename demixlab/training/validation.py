@@ -3,14 +3,17 @@
 Validation runs after every epoch on the validation tracks, for the raw weights and for each
 EMA: the objective on training-length chunks (comparable with the training loss) and the MDX
 global SDR per source of the whole separated tracks; the best candidate by `best.metric` is
-kept. The test evaluates the best state on the test split with the shared evaluation loop
-(:mod:`demixlab.evaluation.loop`) and writes the per-track and summary JSON. Tracks are sharded
+kept. Every `valid.audio_every` epochs an excerpt of the first validation track and its
+separation go to TensorBoard (:meth:`Validator.media_excerpt`). The test evaluates the best state
+on the test split with the shared evaluation loop (:mod:`demixlab.evaluation.loop`) and writes
+the per-track and summary JSON. Tracks are sharded
 across processes and their results gathered.
 """
 import logging
 import math
 import time
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,29 @@ from .config import TrainingConfig
 from .optim import ModelEMA, swapped_weights
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MediaExcerpt:
+    """An excerpt of a validation track and its separation, for TensorBoard.
+
+    Attributes:
+        track: the track's name.
+        start: where the excerpt starts in the track, in seconds.
+        samplerate: its sample rate.
+        sources: the source names.
+        mixture: (C, T) the mixture.
+        references: (S, C, T) the true sources.
+        estimates: (S, C, T) the model's estimates.
+    """
+
+    track: str
+    start: float
+    samplerate: int
+    sources: tp.List[str]
+    mixture: torch.Tensor
+    references: torch.Tensor
+    estimates: torch.Tensor
 
 
 def choose_candidate(candidates: tp.Mapping[str, tp.Mapping[str, float]], metric: str, mode: str) -> str:
@@ -166,6 +192,22 @@ class Validator:
             estimate = apply_model(self.model, mixture[None], segment=frames, overlap=self.config.valid.overlap,
                                    shifts=shifts, generator=generator)
         return estimate[0].float()
+
+    @torch.no_grad()
+    def media_excerpt(self, state: tp.Dict[str, torch.Tensor], seconds: float) -> MediaExcerpt:
+        """`seconds` from the middle of the first validation track (all of it when shorter), and
+        their separation by the weights `state` (the model's own weights are restored after)."""
+        name, mixture, sources = self.data.valid[0]
+        samplerate = self.data.samplerate
+        length = mixture.shape[-1]
+        frames = min(length, int(round(seconds * samplerate)))
+        start = (length - frames) // 2
+        mixture, sources = mixture[..., start:start + frames], sources[..., start:start + frames]
+        with swapped_weights(self.model, state):
+            self.model.eval()
+            estimates = self.separate(mixture, shifts=0).cpu()
+        return MediaExcerpt(track=name, start=start / samplerate, samplerate=samplerate, sources=self.sources,
+                            mixture=mixture.float(), references=sources.float(), estimates=estimates)
 
     # ----------------------------------------------------------------------------------- test
     @torch.no_grad()
