@@ -134,35 +134,39 @@ def log_magnitude(waveform: torch.Tensor, n_fft: int = 2048, hop: int = 512) -> 
     return 20.0 * np.log10(np.maximum(spectrum.abs().numpy(), 1e-10))
 
 
-def spectrogram_image(decibels: np.ndarray, samplerate: int, hop: int, title: str, top: float,
-                      dynamic_range: float = 80.0, cmap: str = "inferno", rows: int = 256,
-                      lowest: float = 30.0) -> np.ndarray:
-    """Render a (frequency, frame) dB spectrogram as an (H, W, 3) uint8 RGB image: time in seconds,
-    a log-frequency axis in Hz from `lowest` to Nyquist (`rows` rows, interpolated between bins),
-    colours from `top` dB down by `dynamic_range`."""
+def spectrogram_images(decibels: tp.Mapping[str, np.ndarray], titles: tp.Mapping[str, str], samplerate: int,
+                       hop: int, top: float, dynamic_range: float = 80.0, cmap: str = "inferno", rows: int = 256,
+                       lowest: float = 30.0) -> tp.Dict[str, np.ndarray]:
+    """Render (frequency, frame) dB spectrograms as (H, W, 3) uint8 RGB images, by name: time in
+    seconds, a log-frequency axis in Hz from `lowest` to Nyquist (`rows` rows, interpolated between
+    bins), one colour scale for all, from `top` dB down by `dynamic_range`. One figure is drawn
+    and its image replaced for each spectrogram (a new figure per image costs 4 times more)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     nyquist = samplerate / 2
-    position = np.geomspace(lowest, nyquist, rows) / nyquist * (decibels.shape[0] - 1)
-    below = np.minimum(np.floor(position).astype(int), decibels.shape[0] - 2)
+    first = next(iter(decibels.values()))
+    position = np.geomspace(lowest, nyquist, rows) / nyquist * (first.shape[0] - 1)
+    below = np.minimum(np.floor(position).astype(int), first.shape[0] - 2)
     weight = (position - below)[:, None]
-    resampled = decibels[below] * (1 - weight) + decibels[below + 1] * weight
-    duration = decibels.shape[1] * hop / samplerate
+    duration = first.shape[1] * hop / samplerate
     figure, axes = plt.subplots(figsize=(6.4, 3.2), dpi=100)
-    image = axes.imshow(resampled, origin="lower", aspect="auto", interpolation="nearest", cmap=cmap,
-                        vmin=top - dynamic_range, vmax=top,
+    figure.subplots_adjust(left=0.12, right=0.98, bottom=0.15, top=0.9)
+    image = axes.imshow(np.zeros((rows, first.shape[1])), origin="lower", aspect="auto", interpolation="nearest",
+                        cmap=cmap, vmin=top - dynamic_range, vmax=top,
                         extent=(0.0, duration, np.log10(lowest), np.log10(nyquist)))
     ticks = [f for f in (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000) if lowest <= f <= nyquist]
     axes.set_yticks(np.log10(ticks), [f"{f}" if f < 1000 else f"{f // 1000}k" for f in ticks])
     axes.set_xlabel("Time (s)")
     axes.set_ylabel("Frequency (Hz)")
-    axes.set_title(title, fontsize="medium")
     figure.colorbar(image, ax=axes, pad=0.01, label="dB")
-    figure.tight_layout()
-    figure.canvas.draw()
-    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    pictures = {}
+    for name, values in decibels.items():
+        image.set_data(values[below] * (1 - weight) + values[below + 1] * weight)
+        axes.set_title(titles[name], fontsize="medium")
+        figure.canvas.draw()
+        pictures[name] = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
     plt.close(figure)
-    return pixels
+    return pictures

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..evaluation.metrics import format_table
 from . import distrib
-from .plots import log_magnitude, plot_history, spectrogram_image
+from .plots import log_magnitude, plot_history, spectrogram_images
 from .validation import MediaExcerpt
 
 logger = logging.getLogger(__name__)
@@ -89,11 +89,11 @@ class Reporter:
         top = float(np.quantile(decibels["mixture"], 0.999))
         end = excerpt.start + excerpt.mixture.shape[-1] / excerpt.samplerate
         where = f"epoch {epoch}, {excerpt.track} {excerpt.start:.1f}-{end:.1f} s"
+        images = spectrogram_images(decibels, {name: f"{name.replace('/', ' ')}, {where}" for name in decibels},
+                                    excerpt.samplerate, hop, top=top)
         for name, signal in mono.items():
             writer.add_audio(f"audio/{name}", signal * gain, epoch, sample_rate=excerpt.samplerate)
-            image = spectrogram_image(decibels[name], excerpt.samplerate, hop, f"{name.replace('/', ' ')}, {where}",
-                                      top=top)
-            writer.add_image(f"spectrogram/{name}", image, epoch, dataformats="HWC")
+            writer.add_image(f"spectrogram/{name}", images[name], epoch, dataformats="HWC")
         writer.flush()
 
     def _log_epoch(self, entry: tp.Mapping[str, tp.Any]) -> None:
