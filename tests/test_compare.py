@@ -30,7 +30,7 @@ def with_grids(path: Path) -> Path:
 def workdir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tp.Dict[str, tp.Any]:
     """A scratch directory (with the repository's grids) holding three XPs: `umx` and `xumx`
     (finished; the smoke grid's first two XPs) and `partial` (umx on a toy dataset with another
-    test track count, interrupted during epoch 2)."""
+    test track count, tested with BSS Eval after epoch 1, interrupted during epoch 2)."""
     path = with_grids(tmp_path_factory.mktemp("compare"))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(path)
@@ -45,8 +45,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tp.Dic
             return original(self, index)
 
         patch.setattr(solver_module.Solver, "_train_epoch", crash_in_epoch_2)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            run_in_process(path, cache_dir, *RUN, "dset.toy.test_tracks=2")
+        with pytest.raises(RuntimeError, match="simulated crash"):  # tested after epoch 1, BSS Eval on
+            run_in_process(path, cache_dir, *[arg for arg in RUN if arg != "test.sdr=false"],
+                           "dset.toy.test_tracks=2", "test.every=1")
     signatures = {}
     for folder in (path / "outputs" / "xps").iterdir():
         argv = json.loads((folder / ".argv.json").read_text())
@@ -89,7 +90,7 @@ def test_two_families_side_by_side_with_their_differing_override_sorted_by_test_
         assert {f"{kind}.{source}" for source in (*SOURCES, "mean")} <= set(columns)
     assert not any(column.startswith("test.museval") for column in columns)  # TINY turns BSS Eval off
     for row in rows:
-        assert row["epochs"] == row["planned_epochs"] == "2" and row["status"] == "done"
+        assert row["epochs"] == row["planned_epochs"] == row["test_epoch"] == "2" and row["status"] == "done"
         assert int(row["params"]) > 0 and float(row["sec_per_epoch"]) > 0 and row["best_epoch"] in ("1", "2")
         assert row["test_set"] == "toy"
     # Sorted by the test global SDR (mean), best first, in the CSV and the Markdown (also printed).
@@ -130,15 +131,20 @@ def test_a_running_xp_on_another_test_set_is_shown_apart_with_a_warning(workdir,
     rows = {row["xp"]: row for row in read_csv(out_dir / "compare.csv")}
     partial = rows[workdir["partial"]]
     assert partial["epochs"] == "1" and partial["best_epoch"] == "1" and partial["status"] == "1/2 epochs"
-    assert partial["test.global.mean"] == "" and float(partial["valid.global.mean"]) == pytest.approx(
-        json.loads((workdir["path"] / "outputs" / "xps" / workdir["partial"] / "history.json").read_text()
-                   )[0]["valid"]["nsdr"])
+    entry, = json.loads((workdir["path"] / "outputs" / "xps" / workdir["partial"] / "history.json").read_text())
+    assert float(partial["valid.global.mean"]) == pytest.approx(entry["valid"]["nsdr"])
+    # Its test after epoch 1 (test.every) is its latest; only it has BSS Eval (museval) scores.
+    assert partial["test_epoch"] == "1" and float(partial["test.global.vocals"]) == pytest.approx(
+        entry["test"]["nsdr_vocals"])
+    assert float(partial["test.museval.mean"]) == pytest.approx(entry["test"]["sdr"])
+    assert rows[workdir["umx"]]["test.museval.mean"] == "" and rows[workdir["umx"]]["test.global.mean"] != ""
     assert partial["test_set"] == "toy (dset.toy.test_tracks=2)"
     assert {rows[workdir[name]]["test_set"] for name in ("umx", "xumx")} == {"toy (dset.toy.test_tracks=1)"}
     markdown = (out_dir / "compare.md").read_text()
     assert markdown.count("## Test set: ") == 2 and "**Warning**" in markdown
-    second = markdown.split("## Test set: toy (dset.toy.test_tracks=2)")[1]
+    first, second = markdown.split("## Test set: toy (dset.toy.test_tracks=2)")
     assert workdir["partial"] in second and workdir["umx"] not in second
+    assert "test.museval.mean" in second and "test.museval" not in first  # a group shows the scores it has
     assert (out_dir / "compare.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -19,7 +19,7 @@ from ..errors import DemixError, exit_on_user_error
 from ..experiment import default_dora_dir, parse_signature
 from ..training.compare import Experiment, compare, read_experiment
 from ..training.export import find_xp_folder
-from .grid_local import _dora_main, collect_grid
+from .grid_local import collect_grid, dora_main
 
 HELP = "compare XPs (signatures or a grid's) side by side: Markdown and CSV tables, a PNG"
 
@@ -42,7 +42,7 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
 
 
 def _experiments(args: argparse.Namespace, dora_dir: Path) -> tp.List[Experiment]:
-    main = _dora_main()
+    main = dora_main()
     previous, main.dora.dir = main.dora.dir, dora_dir.resolve()
     try:
         return _read(args, dora_dir, main)

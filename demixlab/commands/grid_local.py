@@ -24,7 +24,8 @@ from ..experiment import grid_experiments
 HELP = "run a grid's XPs one after another on this machine, without Slurm"
 
 
-def _dora_main() -> tp.Any:
+def dora_main() -> tp.Any:
+    """Dora's main of `dora run` (imported on first use: composing the configuration is slow)."""
     from ..train import main  # noqa: PLC0415 - composing the configuration is slow: only when running
 
     return main
@@ -32,7 +33,7 @@ def _dora_main() -> tp.Any:
 
 def collect_grid(name: str) -> tp.List[tp.Tuple[Sheep, SlurmConfig]]:
     """The XPs of grid `name` with the Slurm settings the grid gives each."""
-    package = _dora_main().dora.grid_package or f"{_dora_main().package}.grids"
+    package = dora_main().dora.grid_package or f"{dora_main().package}.grids"
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
@@ -43,12 +44,12 @@ def collect_grid(name: str) -> tp.List[tp.Tuple[Sheep, SlurmConfig]]:
         folder = Path(importlib.import_module(package).__file__).parent
         grids = sorted(path.stem for path in folder.glob("*.py") if not path.name.startswith("_"))
         raise DemixError(f"no grid named {name!r} in {folder} (grids: {', '.join(grids)})") from None
-    return grid_experiments(_dora_main(), module.explorer)
+    return grid_experiments(dora_main(), module.explorer)
 
 
 def run_command(sheep: Sheep, slurm: SlurmConfig) -> tp.List[str]:
     """The `dora run` command of one XP."""
-    command = [sys.executable, "-m", "dora", "-P", _dora_main().package, "run"]
+    command = [sys.executable, "-m", "dora", "-P", dora_main().package, "run"]
     if slurm.gpus > 1:
         command += ["-d", "--ddp_workers", str(slurm.gpus)]
     return command + ["-f", sheep.xp.sig]
@@ -65,7 +66,7 @@ def summary(rows: tp.List[tp.Tuple[Sheep, str]]) -> str:
         best = next((entry for entry in reversed(history) if entry.get("best")), {})
         test = next((entry["test"] for entry in reversed(history) if "test" in entry), {})
         lines.append(f"{sheep.xp.sig:8}  {status:8}  {len(history):>6}  {number(best.get('valid', {}).get('nsdr')):>10}  "
-                     f"{number(test.get('sdr')):>8}  {number(test.get('nsdr')):>9}  {_dora_main().get_name(sheep.xp)}")
+                     f"{number(test.get('sdr')):>8}  {number(test.get('nsdr')):>9}  {dora_main().get_name(sheep.xp)}")
     return "\n".join(lines)
 
 
@@ -83,15 +84,15 @@ def run(args: argparse.Namespace) -> None:
     xps = collect_grid(args.grid)
     if args.patterns:
         xps = [(sheep, slurm) for sheep, slurm in xps
-               if any(p in sheep.xp.sig or p in _dora_main().get_name(sheep.xp) for p in args.patterns)]
+               if any(p in sheep.xp.sig or p in dora_main().get_name(sheep.xp) for p in args.patterns)]
     if not xps:
         raise DemixError(f"grid {args.grid!r} has no XP{' matching ' + ' '.join(args.patterns) if args.patterns else ''}")
     for sheep, _ in xps:
-        _dora_main().init_xp(sheep.xp)
+        dora_main().init_xp(sheep.xp)
     rows = []
     for index, (sheep, slurm) in enumerate(xps):
         command = run_command(sheep, slurm)
-        print(f"[{index + 1}/{len(xps)}] {sheep.xp.sig} {_dora_main().get_name(sheep.xp)}: {' '.join(command[1:])}",
+        print(f"[{index + 1}/{len(xps)}] {sheep.xp.sig} {dora_main().get_name(sheep.xp)}: {' '.join(command[1:])}",
               flush=True)
         status = "listed"
         if not args.dry_run:

@@ -81,6 +81,11 @@ class Experiment:
                     self.history[-1] if self.history else None)
 
     @property
+    def tested_epoch(self) -> tp.Optional[int]:
+        """The last epoch after which the test set was evaluated (`test.every`, or the end), if any."""
+        return next((int(entry["epoch"]) for entry in reversed(self.history) if "test" in entry), None)
+
+    @property
     def test_entry(self) -> tp.Optional[tp.Dict[str, tp.Any]]:
         """The latest test scores (`test` of the last tested epoch), None when never tested."""
         return next((entry["test"] for entry in reversed(self.history) if "test" in entry), None)
@@ -239,7 +244,7 @@ def metric_columns(experiments: tp.Sequence[Experiment]) -> tp.List[str]:
 def table_columns(experiments: tp.Sequence[Experiment]) -> tp.List[str]:
     """Every column of the comparison of these XPs, in order."""
     return (["xp", "family"] + [f"override:{key}" for key in differing_overrides(experiments)]
-            + ["params", "epochs", "planned_epochs", "best_epoch"] + metric_columns(experiments)
+            + ["params", "epochs", "planned_epochs", "best_epoch", "test_epoch"] + metric_columns(experiments)
             + ["sec_per_epoch", "status"])
 
 
@@ -256,6 +261,7 @@ def table_row(experiment: Experiment) -> tp.Dict[str, tp.Any]:
         valid = best.get("valid", {})
         row.update({f"valid.global.{source}": valid.get(f"nsdr_{source}") for source in experiment.sources})
         row["valid.global.mean"] = valid.get("nsdr")
+    row["test_epoch"] = experiment.tested_epoch
     test = experiment.test_entry or {}
     for name, metric in (("museval", "sdr"), ("global", "nsdr")):
         if metric in test:
@@ -281,7 +287,7 @@ def sort_rows(rows: tp.List[tp.Dict[str, tp.Any]], column: tp.Optional[str]) -> 
 
 def check_sort_column(column: str, experiments: tp.Sequence[Experiment]) -> None:
     """Raise a one-line error unless `column` is a numeric column of this comparison."""
-    numeric = ["params", "epochs", "best_epoch", "sec_per_epoch"] + [
+    numeric = ["params", "epochs", "best_epoch", "test_epoch", "sec_per_epoch"] + [
         name for name in table_columns(experiments) if name.startswith(("valid.", "test."))]
     if column not in numeric:
         raise DemixError(f"--sort {column}: not a score column of these XPs; choose one of {', '.join(numeric)}")
@@ -331,8 +337,8 @@ class Comparison:
         """The comparison as Markdown: one table per test set."""
         experiments = self.experiments
         lines = [f"# Comparison of {len(experiments)} XPs", ""]
-        lines.append("Validation: the MDX global SDR [dB] of the best epoch so far; test: the last test of each XP "
-                     "(museval SDR: median over frames and tracks; global SDR: mean over tracks); "
+        lines.append("Validation: the MDX global SDR [dB] of the best epoch so far; test: the last test of each XP, "
+                     "after epoch test_epoch (museval SDR: median over frames and tracks; global SDR: mean over tracks); "
                      f"sec_per_epoch: mean training + validation time. Sorted by {self.sort or 'nothing'}.")
         warning = self.warning()
         if warning:
