@@ -9,11 +9,13 @@ import pytest
 import yaml
 
 from demixlab.commands.search import main as search_main
+from demixlab.errors import DemixError
 from demixlab.files import save_torch
 from demixlab.training.search import (LocalRunner, Search, read_space, results_table, trial_overrides,
                                       write_plots)
 from tests.cli import TINY, signature
 from tests.progress import run_until_stalled
+from tests.test_slurm import job_field, job_id, queue, slurm, slurm_cluster, wait_for_job  # noqa: F401 (fixtures)
 
 TINY_BASE = [item for item in TINY if not item.startswith(("model.hidden_size", "misc."))]
 
@@ -219,6 +221,16 @@ def test_a_failed_trial_is_recorded_with_its_reason(tmp_path, dora_main):
     assert study.trials[0].user_attrs["error"].endswith("exit code 1: it broke")
 
 
+def test_a_metric_missing_from_the_history_fails_the_trial_in_one_line(tmp_path, dora_main):
+    space_path = write_space(tmp_path, trials=2, metric="valid.nsdrr")
+    runner = FakeRunner(written=1, ok=None)
+    search = _search(space_path, dora_main, runner)
+    with pytest.raises(DemixError, match=r"space.yaml: metric: valid.nsdrr is not in the XPs' history "
+                                         r"\(its valid keys: valid.loss, valid.nsdr\)$"):
+        search.run()
+    assert runner.runs[0].stopped and [trial.state.name for trial in search.study.trials] == ["FAIL"]
+
+
 def test_a_study_cannot_resume_with_another_space(tmp_path, dora_main, capsys):
     _search(write_space(tmp_path, trials=1), dora_main, FakeRunner()).run()
     changed = write_space(tmp_path, trials=1, params={"model.hidden_size": {"choices": [8, 32]}})
@@ -271,3 +283,27 @@ def test_a_search_on_toy_data_prunes_a_bad_trial_resumes_and_draws_its_plots(tmp
 
     again = search()  # resumes the finished study: trains nothing, same table
     assert "training" not in again and again[again.index("trial  state"):].splitlines()[:5] == table[:5]
+
+
+@pytest.mark.slow
+def test_a_search_through_slurm_cancels_the_pruned_trials_job(tmp_path, slurm):
+    # A good trial, then a bad one that the median pruner (one startup trial) stops: its job is cancelled.
+    space_path = write_space(
+        tmp_path, name="slurm", trials=2, params={"optim.lr": {"choices": [1e-3, 0.05]}},
+        base=[item for item in TINY_BASE if not item.startswith(("epochs=", "samples_per_track="))]
+        + ["epochs=5", "samples_per_track=16", "model.hidden_size=16", "misc.device=cpu"],  # still training when pruned
+        pruner={"name": "median", "n_startup_trials": 1}, slurm={"gpus": 0, "mem_per_gpu": 3, "cpus_per_gpu": 1,
+                                                                  "time": 30},
+        enqueue=[{"optim.lr": 1e-3}, {"optim.lr": 0.05}])
+    result = run_until_stalled([sys.executable, "-m", "demixlab", "search", str(space_path), "--slurm", "--poll", "1"],
+                               cwd=tmp_path, env=slurm, progress=[tmp_path / "outputs", lambda: queue(slurm)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout[result.stdout.index("trial  state"):].splitlines()[1:3]]
+    assert [(row[0], row[1]) for row in rows] == [("0", "complete"), ("1", "pruned")], result.stdout
+    good, bad = (tmp_path / "outputs" / "xps" / row[-1] for row in rows)
+    assert job_field(job_id(good), "JobState", slurm) == "COMPLETED"
+    bad_job = job_id(bad)
+    wait_for_job(bad_job, slurm, lambda: job_field(bad_job, "JobState", slurm) != "COMPLETING", "scancel", bad)
+    assert job_field(bad_job, "JobState", slurm) == "CANCELLED"
+    assert job_field(job_id(bad), "NumTasks", slurm) == "1"  # gpus=0: one task, as `dora grid` asks
+    assert len(json.loads((bad / "history.json").read_text())) < 5

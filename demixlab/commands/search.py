@@ -1,6 +1,6 @@
 """`demixlab search SPACE.yaml`: an Optuna search whose trials are Dora XPs.
 
-    demixlab search SPACE.yaml [--slurm] [--parallel N] [--top N] [--check]
+    demixlab search SPACE.yaml [--slurm] [--parallel N] [--poll SECONDS] [--top N] [--check]
 
 The space is checked against the configuration first (one-line errors), then trials run one after
 another with `dora run` (or, with --slurm, as Slurm jobs submitted like `dora grid` does), the
@@ -35,6 +35,8 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
                         help="submit every trial to Slurm (the space's slurm: settings over conf/config.yaml's)")
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="trials trained at the same time (default 1)")
+    parser.add_argument("--poll", type=float, default=None, metavar="SECONDS",
+                        help="how often the XPs' histories (and Slurm jobs) are read (default 2, 10 with --slurm)")
     parser.add_argument("--top", type=int, default=10, metavar="N", help="trials shown in the table (default 10)")
     parser.add_argument("--check", action="store_true", help="check the space and show the study; train nothing")
     return parser
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     folder = search_folder(main, space)
     slurm = slurm_config(main, space)
     runner = SlurmRunner(main, slurm) if args.slurm else LocalRunner(main, slurm)
-    search = Search(space, main, runner, folder, parallel=args.parallel, poll=10.0 if args.slurm else 2.0)
+    search = Search(space, main, runner, folder, parallel=args.parallel, poll=args.poll or (10.0 if args.slurm else 2.0))
     print(f"search {space.name}: {space.trials} trials, {space.direction} {space.metric}", flush=True)
     print(f"study: {folder / 'study.db'}", flush=True)
     if not args.check:

@@ -138,7 +138,8 @@ class Search:
                         active.remove(item)
         finally:
             for item in active:
-                self.log(f"trial {item.trial.number} ({item.xp.sig}): stopped, resumes with the search")
+                if item.trial.number not in self.failed:
+                    self.log(f"trial {item.trial.number} ({item.xp.sig}): stopped, resumes with the search")
                 item.run.stop()
         return self.study
 
@@ -190,10 +191,13 @@ class Search:
             value = metric_value(entry, self.space.metric)
             reported.add(step)
             if value is None:
-                if self.space.metric.split(".")[0] == "valid":
-                    keys = ", ".join(key for key in history_keys(entry) if key.startswith("valid."))
-                    raise self.space.error("metric", f"{self.space.metric} is not in the XPs' history "
-                                                     f"(its valid keys: {keys})")
+                section = self.space.metric.split(".")[0]
+                if section in ("train", "valid"):  # in every epoch's entry: a typo
+                    keys = ", ".join(key for key in history_keys(entry) if key.startswith(f"{section}."))
+                    error = self.space.error("metric", f"{self.space.metric} is not in the XPs' history "
+                                                       f"(its {section} keys: {keys})")
+                    self._fail(trial, str(error))
+                    raise error
                 continue
             if math.isfinite(value):
                 trial.report(value, step)
