@@ -78,6 +78,8 @@ def test_space_errors_are_one_line_naming_the_key(tmp_path, dora_main, capsys, p
      "space.yaml: params.epochs: also set in base: keep it in one place"),
     ("params: {epochs: {choices: [1, 2]}}\npruner: {name: median, n_startup: 1}\n",
      "space.yaml: pruner: median: "),
+    ("params: {epochs: {choices: [1, 2]}}\nenqueue: [{epochs: 3}]\n", "space.yaml: enqueue[0].epochs: 3 is outside params.epochs"),
+    ("params: {epochs: {choices: [1, 2]}}\nenqueue: [{seed: 3}]\n", "space.yaml: enqueue[0].seed: not one of params"),
     ("params: {optim.lr: {low: 1e-4, high: 1e-2}}\nsampler: grid\n",
      "space.yaml: params.optim.lr: sampler grid needs choices for every parameter"),
 ])
@@ -133,6 +135,9 @@ class FakeRun:
 
     def describe_failure(self) -> str:
         return "exit code 1: it broke"
+
+    def where(self) -> str:
+        return "nowhere"
 
 
 class FakeRunner:

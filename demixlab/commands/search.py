@@ -14,8 +14,8 @@ import sys
 import typing as tp
 
 from ..errors import DemixError, exit_on_user_error
-from ..training.search import (LocalRunner, Search, SlurmRunner, check_space, read_space, results_table,
-                               search_folder, slurm_config, write_plots)
+from ..training.search import (LocalRunner, Search, SlurmRunner, check_space, failed_trials, read_space,
+                               results_table, search_folder, slurm_config, write_plots)
 
 HELP = "search hyper-parameters with Optuna, each trial a Dora XP (pruned early when it lags)"
 
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> None:
         finally:
             signal.signal(signal.SIGTERM, previous)
     print(results_table(search.study, args.top), flush=True)
+    for trial in failed_trials(search.study):
+        print(f"trial {trial.number} failed: {trial.user_attrs.get('error', 'no reason recorded')}")
     written, notes = write_plots(search.study, folder, space.metric)
     for path in written:
         print(f"wrote {path}")

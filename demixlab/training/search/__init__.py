@@ -18,7 +18,7 @@ pruned before is pruned again without training.
 """
 from .runners import LocalRunner, SlurmRunner
 from .space import SearchSpace, check_space, read_space, slurm_config, trial_overrides
-from .study import Search, results_table, search_folder, write_plots
+from .study import Search, failed_trials, results_table, search_folder, write_plots
 
 __all__ = ["LocalRunner", "SlurmRunner", "slurm_config", "SearchSpace", "check_space", "read_space",
-           "trial_overrides", "Search", "results_table", "search_folder", "write_plots"]
+           "trial_overrides", "Search", "failed_trials", "results_table", "search_folder", "write_plots"]

@@ -33,6 +33,9 @@ class TrialRun(tp.Protocol):
     def describe_failure(self) -> str:
         """Why it failed, in one line, and where to read more."""
 
+    def where(self) -> str:
+        """Where it runs, e.g. its log file or its Slurm job."""
+
 
 class Runner(tp.Protocol):
     """Starts trials' XPs."""
@@ -69,6 +72,10 @@ class LocalRun:
                 break
             except subprocess.TimeoutExpired:
                 continue
+
+    def where(self) -> str:
+        """Its log file."""
+        return f"log: {self.log}"
 
     def describe_failure(self) -> str:
         """The last `demixlab: error` line (or the last line) of the log, and the log's path."""
@@ -121,6 +128,10 @@ class SlurmRun:
         self.shepherd.cancel_lazy(sheep=self.sheep)
         self.shepherd.commit()
 
+    def where(self) -> str:
+        """Its Slurm job."""
+        return f"Slurm job {self.sheep.current_job_id}"
+
     def describe_failure(self) -> str:
         """The job's state and its log."""
         return f"Slurm job {self.sheep.current_job_id} {self.sheep.state()} (log: {self.sheep.log})"
@@ -140,6 +151,7 @@ class SlurmRunner:
         self.shepherd.maybe_submit_lazy(sheep, self.slurm, SubmitRules(retry=True))
         self.shepherd.commit()
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(f"Slurm job {sheep.current_job_id}, log {sheep.log}\n")
+        with open(log, "a") as stream:
+            stream.write(f"Slurm job {sheep.current_job_id}, log {sheep.log}\n")
         return SlurmRun(self.shepherd, sheep)
 

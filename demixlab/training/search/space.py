@@ -84,6 +84,15 @@ class Param:
             return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
 
+    def allows(self, value: Value) -> bool:
+        """Whether `value` is one of the choices, or a number within the range (an integer for an integer range)."""
+        if self.choices is not None:
+            return any(value == choice and type(value) is type(choice) for choice in self.choices)
+        assert self.low is not None and self.high is not None
+        if self.is_int and not (isinstance(value, int) and not isinstance(value, bool)):
+            return False
+        return is_number(value) and self.low <= tp.cast(float, value) <= self.high
+
     def probes(self) -> tp.List[Value]:
         """The values that must all compose: both bounds, or every choice."""
         return list(self.choices) if self.choices is not None else [self.low, self.high]
@@ -256,7 +265,9 @@ def read_space(path: tp.Union[str, Path]) -> SearchSpace:
         for key, value in entry.items():
             if key not in keys:
                 raise space_error(f"enqueue[{index}].{key}", "not one of params")
-            entry[key] = _number(value)
+            entry[key] = value = _number(value)
+            if not keys[key].allows(value):
+                raise space_error(f"enqueue[{index}].{key}", f"{value!r} is outside params.{key}")
     return SearchSpace(path=path, name=name, base=list(base), metric=metric, direction=direction, trials=trials,
                        params=params, pruner=pruner, sampler=sampler, slurm=dict(slurm), enqueue=enqueue)
 

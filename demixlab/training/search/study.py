@@ -172,10 +172,10 @@ class Search:
             self.study.tell(trial, state=TrialState.PRUNED)
             return
         self.main.init_xp(xp)
-        self.log(f"{described}: {'continuing' if resumed or xp.folder.joinpath(CHECKPOINT_NAME).exists() else 'training'}")
-        log = self.folder / "logs" / f"trial_{trial.number:03d}_{xp.sig}.log"
-        active.append(ActiveTrial(trial, xp, self.runner.start(xp, argv, log),
-                                  set(trial.storage.get_trial(trial._trial_id).intermediate_values)))
+        action = "continuing" if resumed or xp.folder.joinpath(CHECKPOINT_NAME).exists() else "training"
+        run = self.runner.start(xp, argv, self.folder / "logs" / f"trial_{trial.number:03d}_{xp.sig}.log")
+        self.log(f"{described}: {action} ({run.where()})")
+        active.append(ActiveTrial(trial, xp, run, set(trial.storage.get_trial(trial._trial_id).intermediate_values)))
 
     def _pruned_before(self, sig: str, number: int) -> tp.Optional[FrozenTrial]:
         return next((frozen for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
@@ -258,6 +258,11 @@ def ranked_trials(study: optuna.Study) -> tp.List[FrozenTrial]:
     return sorted(trials, key=lambda trial: (order.get(trial.state, 2),
                                             sign * trial.value if trial.value is not None else last(trial),
                                             trial.number))
+
+
+def failed_trials(study: optuna.Study) -> tp.List[FrozenTrial]:
+    """The study's failed trials (their reason is the user attribute `error`)."""
+    return study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
 
 
 def results_table(study: optuna.Study, top: tp.Optional[int] = None) -> str:
