@@ -1,6 +1,8 @@
 """`demixlab search`: the space's checks, trials as Dora XPs, resuming, pruning, the plots."""
 import json
 import os
+import re
+import signal
 import sys
 import typing as tp
 from pathlib import Path
@@ -14,7 +16,8 @@ from demixlab.files import save_torch
 from demixlab.training.search import (LocalRunner, Search, read_space, results_table, trial_overrides,
                                       write_plots)
 from tests.cli import TINY, signature
-from tests.progress import run_until_stalled
+from tests.leftovers import processes
+from tests.progress import run_until_stalled, started, wait_while_progressing
 from tests.test_slurm import job_field, job_id, queue, slurm, slurm_cluster, wait_for_job  # noqa: F401 (fixtures)
 
 TINY_BASE = [item for item in TINY if not item.startswith(("model.hidden_size", "misc."))]
@@ -288,6 +291,54 @@ def test_a_search_on_toy_data_prunes_a_bad_trial_resumes_and_draws_its_plots(tmp
 
     again = search()  # resumes the finished study: trains nothing, same table
     assert "training" not in again and again[again.index("trial  state"):].splitlines()[:5] == table[:5]
+
+
+def _running_in(folder: Path) -> tp.List[str]:
+    """The command lines of the live processes whose working directory is `folder`."""
+    found = []
+    for process in processes().values():
+        try:
+            if process.state not in "ZX" and os.readlink(f"/proc/{process.pid}/cwd") == str(folder):
+                found.append(" ".join(process.argv))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_search_stops_its_trial_and_resumes_it_from_the_checkpoint(tmp_path, cache_dir):
+    space_path = write_space(
+        tmp_path, name="killed", trials=2, sampler={"name": "grid", "seed": 0}, pruner="none",
+        base=[item for item in TINY_BASE if not item.startswith(("epochs=", "samples_per_track="))]
+        + ["epochs=3", "samples_per_track=8"])
+    command = [sys.executable, "-m", "demixlab", "search", str(space_path)]
+    env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    xps = tmp_path / "outputs" / "xps"
+
+    def epochs_done() -> int:
+        """epochs in the first trial's history"""
+        histories = [json.loads(path.read_text() or "[]") for path in xps.glob("*/history.json")]
+        return max((len(history) for history in histories), default=0)
+
+    with started(command, cwd=tmp_path, env=env) as search:
+        wait_while_progressing(lambda: epochs_done() >= 1, "a first epoch", [tmp_path / "outputs", cache_dir])
+        os.kill(search.process.pid, signal.SIGTERM)  # the search only: it must stop its `dora run` itself
+        result = search.wait(progress=[tmp_path / "outputs"])
+    assert result.returncode == 128 + signal.SIGTERM
+    stopped = re.search(r"^trial 0 \(([0-9a-f]{8})\): stopped, resumes with the search$", result.stdout, re.M)
+    assert stopped, result.stdout + result.stderr
+    sig = stopped.group(1)
+    assert _running_in(tmp_path) == []
+    done_before = len(json.loads((xps / sig / "history.json").read_text()))
+    assert 1 <= done_before < 3
+
+    again = run_until_stalled(command, cwd=tmp_path, env=env, progress=[tmp_path / "outputs", cache_dir])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(rf"^trial 0 \({sig}\) model.hidden_size=\d+: continuing", again.stdout, re.M), again.stdout
+    assert [entry["epoch"] for entry in json.loads((xps / sig / "history.json").read_text())] == [1, 2, 3]
+    assert f"resuming from {xps / sig / 'checkpoint.th'} after epoch {done_before}" in (xps / sig / "train.log").read_text()
+    rows = [line.split() for line in again.stdout[again.stdout.index("trial  state"):].splitlines()[1:3]]
+    assert sorted((row[0], row[1]) for row in rows) == [("0", "complete"), ("1", "complete")]
 
 
 @pytest.mark.slow

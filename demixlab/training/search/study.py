@@ -32,7 +32,7 @@ def metric_value(entry: tp.Mapping[str, tp.Any], metric: str) -> tp.Optional[flo
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
-    return float(value) if is_number(value) or isinstance(value, float) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def history_keys(entry: tp.Mapping[str, tp.Any], prefix: str = "") -> tp.List[str]:
@@ -123,11 +123,11 @@ class Search:
         finished trials; on Ctrl-C (or any error) the XPs being trained are stopped, their trials
         left running for the next time."""
         active: tp.List[ActiveTrial] = []
+        interrupted = [frozen._trial_id for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
         try:
-            for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-                if frozen.state == TrialState.RUNNING:
-                    self._begin(optuna.Trial(self.study, frozen._trial_id), active, resumed=True)
             while True:
+                while len(active) < self.parallel and interrupted:
+                    self._begin(optuna.Trial(self.study, interrupted.pop(0)), active, resumed=True)
                 while len(active) < self.parallel and self._unstarted() > 0:
                     self._begin(self.study.ask(), active, resumed=False)
                 if not active:
