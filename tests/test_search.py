@@ -81,6 +81,10 @@ def test_space_errors_are_one_line_naming_the_key(tmp_path, dora_main, capsys, p
      "space.yaml: params.epochs: also set in base: keep it in one place"),
     ("params: {epochs: {choices: [1, 2]}}\npruner: {name: median, n_startup: 1}\n",
      "space.yaml: pruner: median: "),
+    ("params: {epochs: {choices: [1, 2]}}\nsampler: {name: tpe, seed: one}\n",
+     "space.yaml: sampler.seed: expected an integer, got 'one'"),
+    ("params: {epochs: {choices: [1, 2]}}\npruner: halving\n",
+     "space.yaml: pruner.name: unknown pruner 'halving': choose one of median, percentile, successive_halving"),
     ("params: {epochs: {choices: [1, 2]}}\nenqueue: [{epochs: 3}]\n", "space.yaml: enqueue[0].epochs: 3 is outside params.epochs"),
     ("params: {epochs: {choices: [1, 2]}}\nenqueue: [{seed: 3}]\n", "space.yaml: enqueue[0].seed: not one of params"),
     ("params: {optim.lr: {low: 1e-4, high: 1e-2}}\nsampler: grid\n",
@@ -94,6 +98,7 @@ def test_space_file_errors_are_one_line(tmp_path, dora_main, capsys, text, expec
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"demixlab: error: {tmp_path / expected}"), err
+    assert not (tmp_path / "outputs" / "search").exists()
 
 
 def test_a_missing_space_file_is_a_one_line_error(tmp_path, dora_main, capsys):
@@ -240,6 +245,9 @@ def test_a_metric_missing_from_the_history_fails_the_trial_in_one_line(tmp_path,
 
 
 def test_a_study_cannot_resume_with_another_space(tmp_path, dora_main, capsys):
+    search_main([str(write_space(tmp_path, trials=1)), "--check"])
+    assert capsys.readouterr().out.splitlines()[-2:] == ["space checked: model.hidden_size", "no study yet"]
+    assert not (tmp_path / "outputs" / "search").exists()
     _search(write_space(tmp_path, trials=1), dora_main, FakeRunner()).run()
     changed = write_space(tmp_path, trials=1, params={"model.hidden_size": {"choices": [8, 32]}})
     with pytest.raises(SystemExit):

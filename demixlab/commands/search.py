@@ -50,11 +50,16 @@ def run(args: argparse.Namespace) -> None:
     main = _dora_main()
     check_space(space, main)
     folder = search_folder(main, space)
+    print(f"search {space.name}: {space.trials} trials, {space.direction} {space.metric}", flush=True)
+    print(f"study: {folder / 'study.db'}", flush=True)
+    if args.check:
+        print(f"space checked: {', '.join(param.key for param in space.params)}", flush=True)
+        if not (folder / "study.db").exists():
+            print("no study yet")
+            return
     slurm = slurm_config(main, space)
     runner = SlurmRunner(main, slurm) if args.slurm else LocalRunner(main, slurm)
     search = Search(space, main, runner, folder, parallel=args.parallel, poll=args.poll or (10.0 if args.slurm else 2.0))
-    print(f"search {space.name}: {space.trials} trials, {space.direction} {space.metric}", flush=True)
-    print(f"study: {folder / 'study.db'}", flush=True)
     if not args.check:
         # a kill (SIGTERM) stops the trials being trained, as Ctrl-C does; they resume next time
         previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))

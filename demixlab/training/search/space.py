@@ -268,8 +268,11 @@ def read_space(path: tp.Union[str, Path]) -> SearchSpace:
             entry[key] = value = _number(value)
             if not keys[key].allows(value):
                 raise space_error(f"enqueue[{index}].{key}", f"{value!r} is outside params.{key}")
-    return SearchSpace(path=path, name=name, base=list(base), metric=metric, direction=direction, trials=trials,
-                       params=params, pruner=pruner, sampler=sampler, slurm=dict(slurm), enqueue=enqueue)
+    space = SearchSpace(path=path, name=name, base=list(base), metric=metric, direction=direction, trials=trials,
+                        params=params, pruner=pruner, sampler=sampler, slurm=dict(slurm), enqueue=enqueue)
+    make_pruner(space)  # their options: errors now, before anything is written
+    make_sampler(space, 0)
+    return space
 
 
 def override(key: str, value: Value) -> str:
@@ -348,7 +351,10 @@ def make_sampler(space: SearchSpace, offset: int) -> optuna.samplers.BaseSampler
     not draw its first values again."""
     options = dict(space.sampler)
     name = options.pop("name")
-    options["seed"] = int(options.get("seed", 0))
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise space.error("sampler.seed", f"expected an integer, got {seed!r}")
+    options["seed"] = seed
     if name == "grid":  # its seed orders the grid: keep it; it draws unvisited points anyway
         options["search_space"] = {param.key: list(param.choices or []) for param in space.params}
     else:
