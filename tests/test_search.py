@@ -131,11 +131,12 @@ class FakeRun:
     """A finished (or failing, or interrupted) training run."""
 
     def __init__(self, ok: tp.Optional[bool] = True, interrupt: bool = False):
-        self.ok, self.interrupt, self.stopped = ok, interrupt, False
+        self.ok, self.interrupt, self.stopped, self.ended = ok, interrupt, False, False
 
     def finished(self) -> tp.Optional[bool]:
         if self.interrupt:
             raise KeyboardInterrupt
+        self.ended = self.ok is not None
         return self.ok
 
     def stop(self) -> None:
@@ -158,10 +159,12 @@ class FakeRunner:
                  interrupt_at: tp.Optional[int] = None):
         self.epochs, self.written, self.ok, self.interrupt_at = epochs, written or epochs, ok, interrupt_at
         self.started: tp.List[str] = []
+        self.concurrent: tp.List[int] = []  # runs not ended when each one started
         self.runs: tp.List[FakeRun] = []
 
     def start(self, xp, argv, log) -> FakeRun:
         self.started.append(xp.sig)
+        self.concurrent.append(1 + sum(not run.ended for run in self.runs))
         value = xp.cfg.model.hidden_size / 10
         history = [{"epoch": epoch + 1, "train": {"loss": 1.0}, "valid": {"loss": 1.0, "nsdr": value - 1 + epoch}}
                    for epoch in range(self.epochs)]
@@ -208,6 +211,17 @@ def test_a_resumed_search_continues_the_interrupted_trial_and_reads_finished_xps
     table = results_table(study).splitlines()
     assert table[0].split() == ["trial", "state", "value", "params", "signature"]
     assert table[1].split()[1:4] == ["complete", "3.200", "model.hidden_size=32"]
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_parallel_trials_train_at_the_same_time(tmp_path, dora_main, parallel):
+    space = read_space(write_space(tmp_path, trials=3, params={"model.hidden_size": {"choices": [8, 16, 32]}},
+                                   sampler="grid"))
+    runner = FakeRunner()
+    study = Search(space, dora_main, runner, tmp_path / "search", parallel=parallel, poll=0.0,
+                   log=lambda line: None).run()
+    assert runner.concurrent == ([1, 1, 1] if parallel == 1 else [1, 2, 1])  # both end in the same poll
+    assert [trial.state.name for trial in study.trials] == ["COMPLETE"] * 3
 
 
 def test_a_pruned_trial_is_stopped_and_never_trained_again(tmp_path, dora_main):
