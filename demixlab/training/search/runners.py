@@ -107,7 +107,7 @@ class LocalRunner:
 class SlurmRun:
     """A trial's XP submitted to Slurm through Dora's Shepherd (submitit), as `dora grid` does."""
 
-    FAILED = ("FAILED", "CANCELLED", "OUT_OF_MEMORY", "TIMEOUT", "MISSING", "NODE_FAIL", "PREEMPTED")
+    FAILED = ("FAILED", "CANCELLED", "OUT_OF_MEMORY", "TIMEOUT", "MISSING", "NODE_FAIL")  # ended for good
 
     def __init__(self, shepherd: Shepherd, sheep: Sheep):
         self.shepherd = shepherd
