@@ -33,6 +33,8 @@ setup(
         "museval",
         "matplotlib",  # PNG plots (evaluation box plots, sliCQ spectrograms)
         "pedalboard>=0.9.26",  # augment.pitch_tempo/codec/eq/reverb/distortion (imported only when on)
+        "optuna>=4",  # demixlab search (study storage, samplers, pruners, plots)
+        "scikit-learn",  # optuna's parameter importances (fANOVA) in demixlab search
     ],
     entry_points={
         "console_scripts": ["demixlab = demixlab.commands:main"],

@@ -69,14 +69,19 @@ class DemixHydraMain(HydraMain):
         """The XP these overrides define, its configuration checked; a bad override or value
         exits with a one-line error (exit code 2)."""
         try:
+            return self.checked_xp(argv)
+        except DemixError as error:
+            self._exit(str(error))
+
+    def checked_xp(self, argv: tp.Sequence[str]) -> XP:
+        """Like `get_xp`, but a bad override or value raises a one-line :class:`DemixError` (for
+        callers that check many override lists, such as `demixlab search`)."""
+        try:
             xp = super().get_xp(argv)
         except (HydraException, OmegaConfBaseException, AssertionError) as error:
-            self._exit(self._describe_override_error(argv, error))
+            raise DemixError(self._describe_override_error(argv, error)) from None
         if self.validate is not None:
-            try:
-                self.validate(xp.cfg)
-            except DemixError as error:
-                self._exit(str(error))
+            self.validate(xp.cfg)
         return xp
 
     @staticmethod

@@ -1,7 +1,7 @@
 """The `demixlab` command: one subcommand per verb, each module parsing its arguments and wiring
 the stages together (no library logic lives here).
 
-    demixlab separate | export | import | evaluate | plot-slicqt | grid-local | compare  [--help]
+    demixlab separate | export | import | evaluate | plot-slicqt | grid-local | compare | search  [--help]
 
 Training itself runs through Dora (`dora run`, `dora grid`). Each module also has a `main(argv)`
 for running it alone (the `tools.X` shims use them). The top layer: it may import any stage.
@@ -24,6 +24,7 @@ COMMANDS = {
     "plot-slicqt": "plot_slicqt",
     "grid-local": "grid_local",
     "compare": "compare",
+    "search": "search",
 }
 
 
