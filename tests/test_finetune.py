@@ -1,7 +1,7 @@
 """Fine-tuning options (`finetune.freeze`, `finetune.lora`): frozen parameters stay fixed, a LoRA
 XP trains only its adapters, resumes exactly, exports a family-standard model file that separates
 like the adapted model; bad patterns are one-line errors. Tiny runs in this process, all children
-of one parent XP trained once for the module."""
+of one parent XP trained once for the module (the crash-and-resume run is slow)."""
 import logging
 import shutil
 import typing as tp
@@ -123,6 +123,7 @@ def _crash_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
     monkeypatch.setattr(solver_module.Solver, "_train_epoch", train_epoch)
 
 
+@pytest.mark.slow
 def test_a_lora_xp_resumes_exactly(workdir, monkeypatch, tmp_path):
     args = [*LORA, "ema.decays=[0.9]", "finetune.lora.targets=[*.fc2,*.fc3]"]
     code, reference = _run(workdir, monkeypatch, *args)
