@@ -16,6 +16,7 @@ from demixlab.release.model_file import load_package, model_from_package
 from demixlab.separation import Separator, apply_model
 from demixlab.training import solver as solver_module
 from demixlab.training.export import export
+from demixlab.training.optim import ModelEMA
 from demixlab.training.finetune import (FinetuneConfig, LoraConfig, apply_finetune, merge_adapters,
                                         trainable_summary)
 from tests.cli import TINY, load_checkpoint, run_in_process, signature
@@ -155,6 +156,22 @@ def test_merging_adapters_gives_the_weights_the_model_computes():
     for index, layer in enumerate(model):
         assert torch.equal(merged[f"{index}.weight"], layer.weight)
     assert trainable_summary(model) == "trainable parameters: 82 of 185 (44.32 %)"
+
+
+def test_the_ema_of_an_adapted_model_averages_the_adapters_and_follows_the_frozen_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    apply_finetune(model, FinetuneConfig(freeze=["1.*"], lora=LoraConfig(enabled=True, targets=["0"])))
+    ema = ModelEMA(model, 0.5)
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].lora_B.fill_(2.0)
+        model[1].running_mean.fill_(4.0)
+    ema.update()
+    state = ema.state_dict()
+    assert torch.equal(state["0.parametrizations.weight.0.lora_B"], torch.ones(3, 8))  # averaged
+    assert torch.equal(state["1.running_mean"], torch.full((3,), 2.0))  # buffers too
+    live = model.state_dict()
+    for key in ("0.parametrizations.weight.original", "0.bias", "1.weight", "2.weight"):  # frozen: not copied
+        assert state[key].data_ptr() == live[key].data_ptr(), key
 
 
 @pytest.mark.parametrize("overrides, message", [
