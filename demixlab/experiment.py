@@ -173,14 +173,17 @@ NEUTRAL_DEFAULTS: tp.Dict[str, tp.Any] = {
     "dset.extra": [],
     "dset.unaligned": 0.0,
     "dset.missing": "refuse",
+    "finetune.freeze": [],
 }
 NEUTRAL_SECTIONS = ("augment.pitch_tempo", "augment.codec", "augment.eq", "augment.reverb", "augment.distortion")
+# Later sections switched on by a key, left out while that key holds its off value.
+NEUTRAL_SWITCHES: tp.Dict[str, tp.Tuple[str, tp.Any]] = {"finetune.lora": ("enabled", False)}
 
 
 def flat_config(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     """The resolved config as {dotted.key: value}, without the keys excluded from signatures, nor
     the later additions while they are off (`NEUTRAL_DEFAULTS`; a section of `NEUTRAL_SECTIONS`
-    whose `probability` is 0)."""
+    whose `probability` is 0; a section of `NEUTRAL_SWITCHES` whose switch is off)."""
     patterns = list(ALWAYS_EXCLUDED) + list(cfg.dora.exclude)
     flat: tp.Dict[str, tp.Any] = {}
 
@@ -199,6 +202,10 @@ def flat_config(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
             del flat[key]
     for section in NEUTRAL_SECTIONS:
         if flat.get(f"{section}.probability", None) == 0:
+            for key in [key for key in flat if key.startswith(f"{section}.")]:
+                del flat[key]
+    for section, (switch, off) in NEUTRAL_SWITCHES.items():
+        if flat.get(f"{section}.{switch}", None) == off:
             for key in [key for key in flat if key.startswith(f"{section}.")]:
                 del flat[key]
     return flat

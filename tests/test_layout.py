@@ -157,7 +157,7 @@ def test_the_schema_defaults_are_the_base_configuration():
 def test_one_command_lists_every_verb():
     parser = build_parser()
     help_text = parser.format_help()
-    for verb in ("separate", "export", "import", "evaluate", "plot-slicqt", "grid-local", "compare", "search"):
+    for verb in ("separate", "export", "import", "evaluate", "plot-slicqt", "grid-local", "compare", "search", "blend"):
         assert verb in COMMANDS and verb in help_text
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["export", "--help"])

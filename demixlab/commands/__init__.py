@@ -1,7 +1,7 @@
 """The `demixlab` command: one subcommand per verb, each module parsing its arguments and wiring
 the stages together (no library logic lives here).
 
-    demixlab separate | export | import | evaluate | plot-slicqt | grid-local | compare | search  [--help]
+    demixlab separate | export | import | evaluate | blend | plot-slicqt | grid-local | compare | search  [--help]
 
 Training itself runs through Dora (`dora run`, `dora grid`). Each module also has a `main(argv)`
 for running it alone (the `tools.X` shims use them). The top layer: it may import any stage.
@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "export",
     "import": "import_model",
     "evaluate": "evaluate",
+    "blend": "blend",
     "plot-slicqt": "plot_slicqt",
     "grid-local": "grid_local",
     "compare": "compare",
@@ -31,8 +32,8 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     """The `demixlab` parser with every subcommand's options."""
     parser = argparse.ArgumentParser(
-        prog="demixlab", description="demixlab: train (with `dora run`), compare, export, import, evaluate and run "
-                                     "music source separation models.")
+        prog="demixlab", description="demixlab: train (with `dora run`), search, compare, export, import, evaluate, "
+                                     "blend and run music source separation models.")
     parser.add_argument("--version", action="version", version=f"demixlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():

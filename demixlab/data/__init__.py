@@ -44,7 +44,8 @@ from .tracks import Track, conform
 logger = logging.getLogger(__name__)
 
 __all__ = ["DataSplits", "DatasetConfig", "ExampleTransform", "SegmentDataset", "TestSplit", "Track",
-           "TrackDataset", "WeightedSegments", "build_datasets", "build_test_split", "resolve_cache_dir"]
+           "TrackDataset", "WeightedSegments", "build_datasets", "build_test_split", "build_valid_split",
+           "resolve_cache_dir"]
 
 EXTRA_STREAM = 3000  # seeds of the extra datasets' segments: [seed, EXTRA_STREAM, k]
 
@@ -63,7 +64,8 @@ class DataSplits:
 
 @dataclass
 class TestSplit:
-    """The test tracks of a dataset, converted to a model's sample rate and channels."""
+    """The test (or validation) tracks of a dataset, converted to a model's sample rate and channels;
+    `root` names where they come from."""
 
     dataset: TrackDataset
     sources: tp.List[str]
@@ -223,6 +225,23 @@ def build_test_split(dset: DatasetConfig, *, samplerate: int, channels: int, bas
     if any(track.samplerate != samplerate or track.channels != channels for track in tracks):
         logger.info("test tracks are converted to the model's %d Hz, %d channel(s)", samplerate, channels)
     return TestSplit(dataset=TrackDataset(converted), sources=list(dset.sources or []), root=str(root))
+
+
+def build_valid_split(dset: DatasetConfig, *, samplerate: int, channels: int, base_dir: Path,
+                      cache_dir: Path, progress: bool = False) -> TestSplit:
+    """The validation tracks that `dset` describes, as training validates on them (``ROOT/valid``,
+    or the tracks of ``dset.valid_tracks`` held out of ``ROOT/train``...), read at `samplerate`
+    with `channels` channels."""
+    dset = as_dataset_config(dset)
+    root = dataset_root(dset, base_dir, Path(cache_dir), progress)
+    _, tracks, _ = _read_splits(dset, root, Path(cache_dir), progress, with_test=False)
+    if not tracks:
+        raise DemixError(f"dset.root={root}: no validation tracks")
+    converted = [conform(track, samplerate, channels) for track in tracks]
+    if any(track.samplerate != samplerate or track.channels != channels for track in tracks):
+        logger.info("validation tracks are converted to the model's %d Hz, %d channel(s)", samplerate, channels)
+    where = root / "valid" if (root / "valid").is_dir() else root
+    return TestSplit(dataset=TrackDataset(converted), sources=list(dset.sources or []), root=str(where))
 
 
 def dataset_root(dset: DatasetConfig, base_dir: Path, cache_dir: Path, progress: bool = False) -> Path:

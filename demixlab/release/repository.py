@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from ..errors import DemixError
+from ..files import atomic_path
 from .model_file import load_package, model_from_package
 
 MODEL_SUFFIX = ".th"
@@ -121,6 +122,18 @@ class Repository:
             raise DemixError(f"{path}: segment must be a positive number of seconds, got {segment!r}")
         return make_bag(name, entries, weights=spec.get("weights"), segment=segment, overrides=overrides,
                         where=str(path))
+
+
+def save_bag(path: tp.Union[str, Path], models: tp.Sequence[str], weights: tp.Sequence[tp.Sequence[float]],
+             segment: tp.Optional[float] = None) -> None:
+    """Write a bag file atomically: `models`, `weights` (one row per model, one column per bag
+    source) and, when given, `segment`."""
+    spec: tp.Dict[str, tp.Any] = {"models": list(models),
+                                  "weights": [[float(value) for value in row] for row in weights]}
+    if segment is not None:
+        spec["segment"] = float(segment)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(spec, default_flow_style=None, sort_keys=False))
 
 
 def make_bag(name: str, entries: tp.Sequence[tp.Tuple[str, tp.Dict[str, tp.Any]]],

@@ -20,6 +20,7 @@ from ..files import load_torch, save_torch
 from ..release.model_file import load_package
 from ..release.repository import MODEL_SUFFIX
 from . import distrib
+from .finetune import merge_adapters
 from .optim import LearningRateSchedule, ModelEMA
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ class Checkpointer:
     def parent_weights(self, parent: str, base_dir: Path) -> tp.Dict[str, torch.Tensor]:
         """The weights to start from: the best state of the finished XP `parent` (a signature: a
         sibling folder), or the weights of the model file `parent` (a path ending in .th, relative
-        to `base_dir`, e.g. an imported community checkpoint); of this XP's family and sources."""
+        to `base_dir`, e.g. an imported community checkpoint); of this XP's family and sources.
+        A parent trained with LoRA adapters gives its merged weights."""
         if parent.endswith(MODEL_SUFFIX):
             path = Path(parent).expanduser()
             package = load_package(path if path.is_absolute() else base_dir / path)
@@ -157,7 +159,7 @@ class Checkpointer:
             raise DemixError(f"continue_from={signature}: the experiment has not finished training "
                              f"({len(state.get('history', []))} epochs so far); wait for it or resume it")
         self._check_compatible(state, f"continue_from={signature}")
-        return state["best_state"]
+        return merge_adapters(state["best_state"])
 
     def _check_compatible(self, state: tp.Mapping[str, tp.Any], what: str) -> None:
         if state.get("family") != self.identity.family:

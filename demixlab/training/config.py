@@ -26,6 +26,7 @@ from ..models import get_family
 from ..models.registry import schema_error
 from ..release.repository import MODEL_SUFFIX
 from .augment import AugmentConfig
+from .finetune import FinetuneConfig
 from .optim import EmaConfig, OptimConfig, SchedulerConfig
 
 
@@ -152,6 +153,7 @@ class TrainingConfig:
     loss: tp.Dict[str, tp.Any] = field(default_factory=dict)  # the family's objective options
     dset: DatasetConfig = MISSING  # a `dset=` group always sets it
     continue_from: tp.Any = None  # a signature (Hydra may parse it as a number) or a model file (.th)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     misc: MiscConfig = field(default_factory=MiscConfig)
     dora: tp.Dict[str, tp.Any] = field(default_factory=dict)  # Dora's own settings
     slurm: tp.Dict[str, tp.Any] = field(default_factory=dict)  # Dora's Slurm settings

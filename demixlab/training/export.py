@@ -3,7 +3,8 @@
 Only the XP's checkpoint is read (no dataset is built): its best weights (the best of the raw and
 EMA weights; the current weights when no best was recorded yet) become `OUT/SIG.th`, or
 `OUT/SIG-<sha256[:8]>.th` with `sign` (the first 8 hex digits of the file's SHA-256). `half`
-stores float16 weights. An XP whose training is not finished is exported with a warning. The
+stores float16 weights. LoRA adapters (`finetune.lora`) are merged into the weights they adapt,
+so the file holds exactly the family's keys. An XP whose training is not finished is exported with a warning. The
 model file's `segment` is the model's :attr:`~demixlab.models.SeparationModel.chunk_seconds`.
 """
 import hashlib
@@ -19,6 +20,7 @@ from ..experiment import default_dora_dir, parse_signature
 from ..files import atomic_path
 from ..release.model_file import load_package, model_from_package, package_model
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint
+from .finetune import merge_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def export(signature: tp.Any, out: Path, sign: bool = False, half: bool = False,
     if not checkpoint.get("done"):
         logger.warning("experiment %s has not finished training (%d epochs so far): exporting its best "
                        "weights so far", signature, len(checkpoint.get("history") or []))
-    state = checkpoint.get("best_state") or checkpoint["model"]
+    state = merge_adapters(checkpoint.get("best_state") or checkpoint["model"])
     history = checkpoint.get("history") or []
     metrics = history[-1] if history else None
     package = package_model(
@@ -54,6 +56,7 @@ def export(signature: tp.Any, out: Path, sign: bool = False, half: bool = False,
         config=checkpoint.get("config"), signature=signature, metrics=metrics,
         origin={"kind": "xp", "folder": str(folder.resolve())}, half=half)
     model = model_from_package(package)  # checks that the weights fit the model they describe
+    package["state"] = {key: package["state"][key] for key in model.state_dict()}  # the family's key order
     package["segment"] = model.chunk_seconds
     del model
 

@@ -161,7 +161,9 @@ class LearningRateSchedule:
 class ModelEMA:
     """An exponential moving average of a model's state, updated in place with foreach kernels:
     floating-point parameters and buffers (e.g. BatchNorm running statistics) are averaged,
-    integer buffers (e.g. BatchNorm's `num_batches_tracked`) copied.
+    integer buffers (e.g. BatchNorm's `num_batches_tracked`) copied. Frozen parameters
+    (`requires_grad` off, e.g. the base weights under `finetune`) never change: the average holds
+    the model's own tensors for them, neither copied nor updated.
 
     Args:
         model: the model whose state is averaged (its tensors are followed, not copied, between
@@ -174,7 +176,11 @@ class ModelEMA:
             raise DemixError(f"ema.decays must be in (0, 1), got {decay}")
         self.decay = decay
         live = model.state_dict()
-        self.state = {key: value.detach().clone() for key, value in live.items()}
+        frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+        self._frozen = frozen & set(live)
+        self.state = {key: value.detach() if key in self._frozen else value.detach().clone()
+                      for key, value in live.items()}
+        live = {key: value for key, value in live.items() if key not in self._frozen}
         floats = [key for key, value in live.items() if value.is_floating_point()]
         self._float_average = [self.state[key] for key in floats]
         self._float_live = [live[key] for key in floats]
@@ -200,9 +206,10 @@ class ModelEMA:
         return self.state
 
     def load_state_dict(self, state: tp.Dict[str, torch.Tensor]) -> None:
-        """Restore averaged weights (in place)."""
+        """Restore averaged weights (in place; frozen parameters are the model's own and are left alone)."""
         for key, value in state.items():
-            self.state[key].copy_(value)
+            if key not in self._frozen:
+                self.state[key].copy_(value)
 
 
 @contextlib.contextmanager

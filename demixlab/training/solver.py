@@ -30,6 +30,7 @@ from . import distrib
 from .augment import build_augmentation, build_example_effects
 from .checkpoint import Checkpointer, Record, XPIdentity
 from .config import TrainingConfig, is_model_file, parse_config
+from .finetune import adapted_state, apply_finetune, is_adapted, trainable_summary
 from .optim import LearningRateSchedule, ModelEMA, build_optimizer
 from .reporting import Reporter
 from .validation import Validator
@@ -110,6 +111,7 @@ class Solver:
         torch.manual_seed(epoch_seed(config.seed, 0, INIT_STREAM))  # initial weights depend on the seed alone
         self.model = self.family.build_model(self.sources, self.data.samplerate, self.data.channels,
                                              config.model_options)
+        apply_finetune(self.model, config.finetune)  # before the optimizer: it sees trainable parameters only
         self.model.to(device)
         self.objective = self.family.objective(self.model, config.loss)
         self.optimizer = build_optimizer(self.model, config.optim)
@@ -135,6 +137,7 @@ class Solver:
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info("model %s: %s sources, %.2f M trainable parameters", self.family.name,
                     "/".join(self.sources), params / 1e6)
+        logger.info(trainable_summary(self.model))
 
     # ------------------------------------------------------------------ state
     def restore(self) -> None:
@@ -145,6 +148,8 @@ class Solver:
         elif self.config.continue_from is not None:
             parent = self.config.continue_from
             weights = self.checkpointer.parent_weights(parent, self.base_dir)
+            if is_adapted(self.model.state_dict()):  # finetune.lora: the parent's weights are the base
+                weights = adapted_state(self.model, weights)
             try:
                 self.model.load_state_dict(weights)
             except RuntimeError as error:
