@@ -180,11 +180,8 @@ NEUTRAL_SECTIONS = ("augment.pitch_tempo", "augment.codec", "augment.eq", "augme
 NEUTRAL_SWITCHES: tp.Dict[str, tp.Tuple[str, tp.Any]] = {"finetune.lora": ("enabled", False)}
 
 
-def flat_config(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
-    """The resolved config as {dotted.key: value}, without the keys excluded from signatures, nor
-    the later additions while they are off (`NEUTRAL_DEFAULTS`; a section of `NEUTRAL_SECTIONS`
-    whose `probability` is 0; a section of `NEUTRAL_SWITCHES` whose switch is off)."""
-    patterns = list(ALWAYS_EXCLUDED) + list(cfg.dora.exclude)
+def flatten(node: tp.Any) -> tp.Dict[str, tp.Any]:
+    """Nested dicts as {dotted.key: leaf}; an empty dict is a leaf."""
     flat: tp.Dict[str, tp.Any] = {}
 
     def walk(node: tp.Any, prefix: str) -> None:
@@ -192,11 +189,19 @@ def flat_config(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
         else:
-            key = prefix.rstrip(".")
-            if not any(fnmatch.fnmatch(key, pattern) for pattern in patterns):
-                flat[key] = node
+            flat[prefix.rstrip(".")] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(node, "")
+    return flat
+
+
+def flat_config(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
+    """The resolved config as {dotted.key: value}, without the keys excluded from signatures, nor
+    the later additions while they are off (`NEUTRAL_DEFAULTS`; a section of `NEUTRAL_SECTIONS`
+    whose `probability` is 0; a section of `NEUTRAL_SWITCHES` whose switch is off)."""
+    patterns = list(ALWAYS_EXCLUDED) + list(cfg.dora.exclude)
+    flat = {key: value for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+            if not any(fnmatch.fnmatch(key, pattern) for pattern in patterns)}
     for key, value in NEUTRAL_DEFAULTS.items():
         if key in flat and flat[key] == value:
             del flat[key]

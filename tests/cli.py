@@ -72,3 +72,16 @@ def run_in_process(workdir: Path, cache_dir: Path, *overrides: str) -> int:
         main.dora.dir = dora_dir
     return 0
 
+
+def crash_in_epoch(monkeypatch: tp.Any, epoch: int) -> None:
+    """Make the solver fail while training `epoch` (1-based), as a crash or a preemption would."""
+    from demixlab.training import solver as solver_module  # noqa: PLC0415 - only the tests that crash need it
+
+    original = solver_module.Solver._train_epoch
+
+    def train_epoch(self: tp.Any, index: int) -> tp.Dict[str, float]:
+        if index + 1 == epoch:
+            raise RuntimeError("simulated crash")
+        return original(self, index)
+
+    monkeypatch.setattr(solver_module.Solver, "_train_epoch", train_epoch)

@@ -14,12 +14,11 @@ from demixlab.errors import DemixError
 from demixlab.models import get_family
 from demixlab.release.model_file import load_package, model_from_package
 from demixlab.separation import Separator, apply_model
-from demixlab.training import solver as solver_module
 from demixlab.training.export import export
 from demixlab.training.optim import ModelEMA
 from demixlab.training.finetune import (FinetuneConfig, LoraConfig, apply_finetune, merge_adapters,
                                         trainable_summary)
-from tests.cli import TINY, load_checkpoint, run_in_process, signature
+from tests.cli import TINY, crash_in_epoch, load_checkpoint, run_in_process, signature
 
 CHILD = [arg for arg in TINY if not arg.startswith("epochs=")] + ["epochs=2", "misc.progress=false"]
 LORA = ["finetune.lora.enabled=true", "finetune.lora.rank=2", "finetune.lora.alpha=4.0"]
@@ -113,17 +112,6 @@ def test_a_lora_xp_trains_only_adapters_and_exports_a_family_standard_file(workd
     torch.testing.assert_close(torch.stack([stems[source] for source in child["sources"]]), expected[0])
 
 
-def _crash_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
-    original = solver_module.Solver._train_epoch
-
-    def train_epoch(self: tp.Any, index: int) -> tp.Dict[str, float]:
-        if index + 1 == epoch:
-            raise RuntimeError("simulated crash")
-        return original(self, index)
-
-    monkeypatch.setattr(solver_module.Solver, "_train_epoch", train_epoch)
-
-
 @pytest.mark.slow
 def test_a_lora_xp_resumes_exactly(workdir, monkeypatch, tmp_path):
     args = [*LORA, "ema.decays=[0.9]", "finetune.lora.targets=[*.fc2,*.fc3]"]
@@ -132,7 +120,7 @@ def test_a_lora_xp_resumes_exactly(workdir, monkeypatch, tmp_path):
     other = tmp_path / "other"  # the same XP in another folder, holding a copy of the parent
     shutil.copytree(workdir.path / "outputs" / "xps" / workdir.parent, other / "outputs" / "xps" / workdir.parent)
     with monkeypatch.context() as patch:
-        _crash_in_epoch(patch, 2)
+        crash_in_epoch(patch, 2)
         with pytest.raises(RuntimeError, match="simulated crash"):
             _run(workdir, patch, *args, path=other)
     code, state = _run(workdir, monkeypatch, *args, path=other)

@@ -15,7 +15,7 @@ import torch
 from demixlab.models import registry
 from demixlab.training import solver as solver_module
 from demixlab.training.validation import choose_candidate
-from tests.cli import TINY, load_checkpoint
+from tests.cli import TINY, crash_in_epoch, load_checkpoint
 
 # TINY with three epochs of four steps.
 RUN = [arg for arg in TINY if not arg.startswith(("epochs=", "samples_per_track="))] + [
@@ -33,18 +33,6 @@ def _without_durations(history: tp.List[tp.Dict[str, tp.Any]]) -> tp.List[tp.Dic
             return {key: strip(item) for key, item in value.items() if key != "duration"}
         return value
     return [strip(entry) for entry in history]
-
-
-def _crash_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
-    """Make the solver fail while training `epoch` (1-based), as a crash or a preemption would."""
-    original = solver_module.Solver._train_epoch
-
-    def train_epoch(self: tp.Any, index: int) -> tp.Dict[str, float]:
-        if index + 1 == epoch:
-            raise RuntimeError("simulated crash")
-        return original(self, index)
-
-    monkeypatch.setattr(solver_module.Solver, "_train_epoch", train_epoch)
 
 
 @pytest.fixture
@@ -69,7 +57,7 @@ def _resume_matches_an_uninterrupted_run(tmp_path: Path, run_in: tp.Callable[...
     and final states must be identical. Returns the checkpoint."""
     assert run_in("straight", *args) == 0
     with monkeypatch.context() as patch:
-        _crash_in_epoch(patch, 2)
+        crash_in_epoch(patch, 2)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_in("resumed", *args)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

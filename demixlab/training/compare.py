@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import DemixError
-from ..experiment import ALWAYS_EXCLUDED
+from ..experiment import ALWAYS_EXCLUDED, flatten
 from ..files import atomic_path
 from ..models import get_family
 from .checkpoint import CHECKPOINT_NAME
@@ -153,17 +153,7 @@ def count_parameters(cfg: DictConfig) -> int:
 # ------------------------------------------------------------------------------ test sets
 def test_set_of(experiment: Experiment) -> tp.Dict[str, tp.Any]:
     """The dataset settings that decide an XP's test set (flat {key: value})."""
-    dset = OmegaConf.to_container(experiment.cfg.dset, resolve=True)
-    flat: tp.Dict[str, tp.Any] = {}
-
-    def walk(node: tp.Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix.rstrip(".")] = node
-
-    walk(dset, "")
+    flat = flatten(OmegaConf.to_container(experiment.cfg.dset, resolve=True))
     return {key: value for key, value in flat.items()
             if not any(key == skip or key.startswith(f"{skip}.") for skip in TRAINING_ONLY_DSET_KEYS)}
 
