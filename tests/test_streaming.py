@@ -165,7 +165,7 @@ def test_a_failure_midway_leaves_no_stem_and_exits_non_zero(repo, track, tmp_pat
         assert exit_info.value.code == EXIT_USER_ERROR
         err = capsys.readouterr().err
         assert "No space left on device" in err and "Traceback" not in err
-        assert [path for path in out.rglob("*") if path.is_file()] == []  # no stem, no temporary file
+        assert list(out.rglob("*")) == []  # no stem, no temporary file, no track folder
 
 
 def test_an_output_folder_that_cannot_be_written_fails_before_separating(repo, track, tmp_path, monkeypatch,  # noqa

@@ -21,6 +21,7 @@ from ..audio import BlockResampler, convert_audio, convert_channels, load_audio_
 from ..errors import DemixError
 from ..release.repository import Bag, Repository
 from .bags import apply_bag
+from .onnx_backend import BACKENDS, OnnxRuntimeModel
 from .streaming import stream_bag, take_samples
 
 
@@ -36,6 +37,9 @@ class Separator:
         overlap: fraction of a chunk shared with the next.
         shifts: random time shifts averaged (the shift trick; 0 disables).
         overrides: constructor options changed at load time, e.g. {"wiener_iterations": 0}.
+        backend: `torch`, or `onnxruntime` to run each model's network from its ONNX export
+            (`NAME.onnx` next to `NAME.th`, see :mod:`demixlab.release.onnx_export`); the rest of
+            the model (STFT, Wiener EM...) and the chunking stay the same.
         jobs: chunks separated in parallel threads.
         progress: show progress bars (stderr).
     """
@@ -43,13 +47,21 @@ class Separator:
     def __init__(self, repo: tp.Union[str, Path], name: str, *, device: str = "cpu",
                  segment: tp.Optional[float] = None, split: bool = True, overlap: float = 0.25, shifts: int = 0,
                  overrides: tp.Optional[tp.Mapping[str, tp.Any]] = None, jobs: int = 1, progress: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise DemixError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         if segment is not None and segment <= 0:
             raise DemixError(f"segment must be a positive number of seconds, got {segment}")
         if shifts < 0:
             raise DemixError(f"shifts must be >= 0, got {shifts}")
         self.device = resolve_device(device)
         self.bag: Bag = Repository(repo).load(name, overrides=overrides).build(self.device)
+        if backend == "onnxruntime":
+            if self.device.type != "cpu":
+                raise DemixError("--backend onnxruntime runs on the CPU: use --device cpu")
+            for member in self.bag.members:
+                if member.model is not None:
+                    member.model = OnnxRuntimeModel(member.model, Path(repo) / f"{member.name}.th", member.name)
         self.segment = segment
         self.split = split
         self.overlap = overlap
