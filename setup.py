@@ -32,6 +32,7 @@ setup(
         "musdb",
         "museval",
         "matplotlib",  # PNG plots (evaluation box plots, sliCQ spectrograms)
+        "pedalboard>=0.9.26",  # augment.pitch_tempo/codec/eq/reverb/distortion (imported only when on)
     ],
     entry_points={
         "console_scripts": ["demixlab = demixlab.commands:main"],

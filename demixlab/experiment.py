@@ -161,10 +161,21 @@ def parse_signature(value: tp.Any, key: str) -> str:
 
 
 ALWAYS_EXCLUDED = ("dora.*", "slurm.*")
+# Keys added after signatures were first pinned, with the value that keeps what XPs trained
+# before they existed (off). While a key holds that value it is left out of `flat_config`: the
+# digests of existing signatures stay the same, and resuming an older checkpoint does not warn.
+NEUTRAL_DEFAULTS: tp.Dict[str, tp.Any] = {
+    "dset.extra": [],
+    "dset.unaligned": 0.0,
+    "dset.missing": "refuse",
+}
+NEUTRAL_SECTIONS = ("augment.pitch_tempo", "augment.codec", "augment.eq", "augment.reverb", "augment.distortion")
 
 
 def flat_config(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
-    """The resolved config as {dotted.key: value}, without the keys excluded from signatures."""
+    """The resolved config as {dotted.key: value}, without the keys excluded from signatures, nor
+    the later additions while they are off (`NEUTRAL_DEFAULTS`; a section of `NEUTRAL_SECTIONS`
+    whose `probability` is 0)."""
     patterns = list(ALWAYS_EXCLUDED) + list(cfg.dora.exclude)
     flat: tp.Dict[str, tp.Any] = {}
 
@@ -178,6 +189,13 @@ def flat_config(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
                 flat[key] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
+    for key, value in NEUTRAL_DEFAULTS.items():
+        if key in flat and flat[key] == value:
+            del flat[key]
+    for section in NEUTRAL_SECTIONS:
+        if flat.get(f"{section}.probability", None) == 0:
+            for key in [key for key in flat if key.startswith(f"{section}.")]:
+                del flat[key]
     return flat
 
 

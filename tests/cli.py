@@ -3,9 +3,12 @@ same entry point in this process (error paths, which need no second interpreter)
 import os
 import subprocess
 import sys
+import typing as tp
 from pathlib import Path
 
 import torch
+
+from tests.progress import Watched, run_until_stalled
 
 # A tiny but real configuration: UMX with a small bottleneck, a short schedule...
 TINY_SOLVER = [
@@ -20,12 +23,14 @@ TINY = [
 ]
 
 
-def dora(workdir: Path, cache_dir: Path, *args: str, command: str = "run", timeout: float = 300,
-         check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m dora -P demixlab COMMAND ARGS` in `workdir`; raise with its output if it fails."""
+def dora(workdir: Path, cache_dir: Path, *args: str, command: str = "run", check: bool = True,
+         progress: tp.Sequence[Watched] = ()) -> subprocess.CompletedProcess:
+    """Run `python -m dora -P demixlab COMMAND ARGS` in `workdir`; raise with its output if it fails.
+    No fixed timeout: it may run as long as its output, `workdir/outputs` (the XPs' logs, histories,
+    checkpoints), the cache or `progress` keep changing (see tests/progress.py)."""
     env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "dora", "-P", "demixlab", command, *args], cwd=workdir,
-                            env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_until_stalled([sys.executable, "-m", "dora", "-P", "demixlab", command, *args], cwd=workdir,
+                               env=env, progress=[workdir / "outputs", cache_dir, *progress])
     if check and result.returncode != 0:
         raise AssertionError(f"dora {command} {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

@@ -176,15 +176,3 @@ def test_band_limited_references_warn_that_isr_sir_sar_are_ill_defined(caplog, m
     for metric in ("isr", "sir", "sar"):  # ill-defined but not garbage: the dense fallback stays finite
         assert torch.isfinite(got[metric]).all(), metric
 
-
-def test_block_levinson_solves_the_dense_gram_system():
-    from demixlab.evaluation.bsseval import _lagged_correlations, _solve_block_toeplitz, _solve_dense
-    signals = clip(2, 1, seed=5).reshape(4, -1)
-    lag = 15
-    correlations = _lagged_correlations(signals, signals, lag)
-    blocks = correlations[:, :, lag:].permute(2, 0, 1)  # (16, 4, 4) block Toeplitz, positive definite
-    rhs = torch.randn(16, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    regularised = blocks.clone()
-    regularised[0] += torch.finfo(torch.float64).eps * torch.eye(4, dtype=torch.float64)
-    torch.testing.assert_close(_solve_block_toeplitz(blocks, rhs), _solve_dense(regularised, rhs),
-                               rtol=1e-9, atol=1e-12)

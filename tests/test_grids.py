@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import dora, load_checkpoint
+from tests.progress import run_until_stalled
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,8 @@ def xps_by_argv(workdir: Path) -> dict:
 
 def tool(workdir: Path, cache_dir: Path, *args: str, env: dict = {}, check: bool = True  # noqa: B006
          ) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", *args], cwd=workdir, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "DEMIXLAB_CACHE": str(cache_dir), **env})
+    result = run_until_stalled([sys.executable, "-m", *args], cwd=workdir, progress=[workdir / "outputs", cache_dir],
+                               env={**os.environ, "DEMIXLAB_CACHE": str(cache_dir), **env})
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

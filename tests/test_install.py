@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.cli import TINY
+from tests.progress import run_until_stalled
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory) -> Path:
     """`pip install --no-deps .` (a wheel build, not editable) into a folder of its own."""
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-cache-dir", "--target", str(target), str(REPO)], check=True, capture_output=True, text=True,
-                   timeout=600)
+    result = run_until_stalled([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                                "--no-cache-dir", "--target", str(target), str(REPO)], progress=[target])
+    assert result.returncode == 0, f"pip install failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     return target
 
 
 def _run(installed: Path, workdir: Path, cache_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(installed), "DEMIXLAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(list(args), cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    result = run_until_stalled(list(args), cwd=workdir, env=env, progress=[workdir, cache_dir])
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     return result
 

@@ -18,6 +18,7 @@ from demixlab.release.model_file import package_model, save_package
 from demixlab.commands import main as cli
 from demixlab.commands.separate import main
 from tests.cli import TINY, dora
+from tests.progress import run_until_stalled
 from tools.export import main as export_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ TINY_UMX = dict(n_fft=512, hop_length=128, hidden_size=8, nb_layers=1, bandwidth
 
 def _python(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    return run_until_stalled([sys.executable, *args], cwd=workdir, env=env, progress=[workdir])
 
 
 # TINY, cheaper still: one epoch, a small STFT, no Wiener filtering.

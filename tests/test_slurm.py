@@ -6,12 +6,12 @@ import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.cli import load_checkpoint
+from tests.progress import run_until_stalled, wait_while_progressing
 from tests.test_grids import make_workdir
 
 pytestmark = pytest.mark.slow
@@ -43,23 +43,60 @@ def explorer(launcher):
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory, cache_dir):
-    """Start the local cluster (installing Slurm if needed); yield the environment to reach it."""
+def slurm_cluster(tmp_path_factory, cache_dir):
+    """Start the local cluster (installing Slurm if needed); yield the environment to reach it.
+    Stopping it, however the tests went, cancels any job left, ends job steps and its munged."""
     state_dir = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "DEMIXLAB_SLURM_DIR": str(state_dir)}
-    started = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=600)
-    if started.returncode == 3:
-        pytest.skip(f"no Slurm here and no root to install it: {started.stderr.strip()}")
-    assert started.returncode == 0, started.stderr
-    env.update(SLURM_CONF=str(state_dir / "slurm.conf"), PATH=f"{REPO / 'tests' / 'slurm' / 'bin'}:{env['PATH']}",
-               DEMIXLAB_CACHE=str(cache_dir))
-    yield env
-    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
+    try:
+        started = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True)
+        if started.returncode == 3:
+            pytest.skip(f"no Slurm here and no root to install it: {started.stderr.strip()}")
+        assert started.returncode == 0, started.stderr
+        env.update(SLURM_CONF=str(state_dir / "slurm.conf"), PATH=f"{REPO / 'tests' / 'slurm' / 'bin'}:{env['PATH']}",
+                   DEMIXLAB_CACHE=str(cache_dir))
+        yield env
+    finally:
+        stopped = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True)
+        assert stopped.returncode == 0, stopped.stderr
 
 
-def grid(workdir: Path, env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(["python", "-m", "dora", "-P", "demixlab", "grid", *args], cwd=workdir, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+@pytest.fixture
+def slurm(slurm_cluster, tmp_path):
+    """The cluster for one test. At teardown, pass or fail, the jobs the test submitted are cancelled,
+    and waited for until Slurm no longer lists them (their steps have ended)."""
+    yield slurm_cluster
+    left = submitted_jobs(tmp_path, slurm_cluster) & set(queue(slurm_cluster))
+    if left:
+        subprocess.run(["scancel", *sorted(left)], env=slurm_cluster, capture_output=True)
+        wait_while_progressing(lambda: not left & set(queue(slurm_cluster)), f"Slurm to end jobs {sorted(left)}",
+                               [lambda: queue(slurm_cluster)])
+
+
+def queue(env: dict) -> dict:
+    """Job id -> state (and why, when pending) of the jobs Slurm lists (pending, running, completing)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%A %T %r"], env=env, capture_output=True, text=True).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
+
+
+def submitted_jobs(folder: Path, env: dict) -> set:
+    """The ids of the jobs submitted from `folder`: recorded by Dora in XP folders, or listed by Slurm
+    with a working directory in it."""
+    jobs = {json.loads(path.read_text())["job_id"] for path in folder.rglob("job.json")}
+    out = subprocess.run(["squeue", "-h", "-o", "%A %Z"], env=env, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        job, _, workdir = line.partition(" ")
+        if Path(workdir) == folder or folder in Path(workdir).parents:
+            jobs.add(job)
+    return jobs
+
+
+def grid(workdir: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`dora grid ARGS` from `workdir`. It may run, monitoring, as long as the XPs' folders (logs,
+    histories) or the queue change; its own output is no sign of progress (the monitor prints a
+    countdown every second)."""
+    result = run_until_stalled(["python", "-m", "dora", "-P", "demixlab", "grid", *args], cwd=workdir, env=env,
+                               progress=[workdir / "outputs", lambda: queue(env)], output_is_progress=False)
     assert result.returncode == 0, f"dora grid {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -74,11 +111,9 @@ def job_field(job: str, field: str, env: dict) -> str:
     return match.group(1) if match else ""
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+def wait_for_job(job: str, env: dict, condition, what: str, folder: Path) -> None:
+    """Wait for `condition()` while the job's XP folder or its state keep changing."""
+    wait_while_progressing(condition, what, [folder, lambda: job_field(job, "JobState", env)])
 
 
 def final_states(output: str) -> dict:
@@ -113,7 +148,8 @@ def test_a_failed_job_shows_failed_and_retry_resubmits_it(tmp_path, slurm):
     grid(workdir, slurm, "failing", "-r", "--no_monitoring")
     second = job_id(folder)
     assert second != first
-    wait_for(lambda: job_field(second, "JobState", slurm) == "FAILED", 120, "the resubmitted job to fail")
+    wait_for_job(second, slurm, lambda: job_field(second, "JobState", slurm) == "FAILED", "the resubmitted job to fail",
+                 folder)
     assert "dset.root=/nonexistent/stems: no such directory" in (folder / "train.log").read_text()
 
 
@@ -123,12 +159,14 @@ def test_a_job_requeued_while_training_resumes_from_its_checkpoint(tmp_path, slu
     folder = next((workdir / "outputs" / "xps").iterdir())
     job = job_id(folder)
     history = folder / "history.json"
-    wait_for(lambda: history.exists() and len(json.loads(history.read_text() or "[]")) >= 1, 300, "a first epoch")
+    wait_for_job(job, slurm, lambda: history.exists() and len(json.loads(history.read_text() or "[]")) >= 1,
+                 "a first epoch", folder)
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)
     # Slurm holds a requeued job for about two minutes (BeginTime); release it now.
-    wait_for(lambda: job_field(job, "JobState", slurm) == "PENDING", 60, "the job to be requeued")
+    wait_for_job(job, slurm, lambda: job_field(job, "JobState", slurm) == "PENDING", "the job to be requeued", folder)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
-    wait_for(lambda: job_field(job, "JobState", slurm) == "COMPLETED", 400, "the requeued job to complete")
+    wait_for_job(job, slurm, lambda: job_field(job, "JobState", slurm) == "COMPLETED", "the requeued job to complete",
+                 folder)
     assert job_field(job, "Restarts", slurm) == "1"
     epochs = [entry["epoch"] for entry in json.loads(history.read_text())]
     assert epochs == [1, 2, 3, 4, 5]

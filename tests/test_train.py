@@ -7,10 +7,7 @@ a user sees.
 """
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import soundfile as sf
 import torch
 
 from tests.cli import TINY, TINY_SOLVER, dora, load_checkpoint, signature
+from tests.progress import started, wait_while_progressing
 
 @pytest.mark.slow
 def test_train_writes_everything_in_the_xp_folder_then_resumes_without_repeating(tmp_path, cache_dir):
@@ -58,17 +56,16 @@ def test_sigkill_mid_epoch_resumes_to_the_same_history_as_an_uninterrupted_run(t
     sig = signature(reference_dir, cache_dir, *args)
 
     history_file = interrupted_dir / "outputs" / "xps" / sig / "history.json"
-    env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir)}
-    process = subprocess.Popen([sys.executable, "-m", "dora", "-P", "demixlab", "run", *args], cwd=interrupted_dir,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if history_file.exists() and len(json.loads(history_file.read_text() or "[]")) >= 1:
-            break
-        assert process.poll() is None, "training ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+
+    def first_epoch_done() -> bool:
+        assert training.process.poll() is None, "training ended before it could be interrupted"
+        return history_file.exists() and len(json.loads(history_file.read_text() or "[]")) >= 1
+
+    with started([sys.executable, "-m", "dora", "-P", "demixlab", "run", *args], interrupted_dir, env) as training:
+        wait_while_progressing(first_epoch_done, "a first epoch", [interrupted_dir / "outputs", training.output_size],
+                               poll=0.05)
+        training.kill()  # SIGKILL to its whole process group
     folder = history_file.parent
     assert len(load_checkpoint(folder)["history"]) == 1  # killed during epoch 2, checkpoint still loadable
 

@@ -12,6 +12,11 @@ Dataset kinds (``dset.kind``):
   of ``train/`` (``musdb``: the 14 official MUSDB18 validation tracks).
 - ``musdb``: MUSDB18 ``.stem.mp4`` files in ``ROOT/{train,test}``, read through the musdb package.
 - ``toy``: a synthetic dataset generated once under the cache directory, then read as ``stems``.
+- ``moisesdb``, ``slakh``: MoisesDB and Slakh2100 in their own layouts, stem categories grouped
+  into ``dset.sources`` (:mod:`.layouts`).
+
+``dset.extra`` adds other datasets' training tracks, drawn by weight
+(:class:`.datasets.WeightedSegments`); ``dset.unaligned`` mixes sources of different tracks.
 
 Every file is checked once (headers, lengths, NaN/Inf); results are cached under
 ``<cache_dir>/metadata``, never inside the dataset.
@@ -23,9 +28,14 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from ..errors import DemixError
 from .config import DatasetConfig
-from .datasets import SegmentDataset, TrackDataset
+from .datasets import ExampleTransform, SegmentDataset, TrackDataset, WeightedSegments
+from .layouts import SLAKH_SPLITS, scan_moisesdb, scan_slakh, split_moisesdb
 from .musdb_tracks import load_musdb_folder
 from .scan import scan_stems_folder
 from .splits import hold_out, valid_track_names
@@ -33,15 +43,17 @@ from .tracks import Track, conform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataSplits", "DatasetConfig", "SegmentDataset", "TestSplit", "Track", "TrackDataset",
-           "build_datasets", "build_test_split", "resolve_cache_dir"]
+__all__ = ["DataSplits", "DatasetConfig", "ExampleTransform", "SegmentDataset", "TestSplit", "Track",
+           "TrackDataset", "WeightedSegments", "build_datasets", "build_test_split", "resolve_cache_dir"]
+
+EXTRA_STREAM = 3000  # seeds of the extra datasets' segments: [seed, EXTRA_STREAM, k]
 
 
 @dataclass
 class DataSplits:
     """The datasets of one experiment; `test` is None when not requested or when there is no test split."""
 
-    train: SegmentDataset
+    train: tp.Union[SegmentDataset, WeightedSegments]
     valid: TrackDataset
     test: tp.Optional[TrackDataset]
     sources: tp.List[str]
@@ -69,7 +81,7 @@ def resolve_cache_dir(cache_dir: tp.Optional[str]) -> Path:
 
 def build_datasets(dset: DatasetConfig, *, segment: float, samples_per_track: int, seed: int,
                    cache_dir: Path, base_dir: Path, extra_frames: int = 0, with_test: bool = True,
-                   progress: bool = True) -> DataSplits:
+                   progress: bool = True, transform: tp.Optional[ExampleTransform] = None) -> DataSplits:
     """Check the dataset described by `dset` and build its datasets.
 
     Args:
@@ -81,12 +93,84 @@ def build_datasets(dset: DatasetConfig, *, segment: float, samples_per_track: in
         base_dir: the directory `dora` ran from; a relative ``dset.root`` resolves against it.
         with_test: also scan the test split (None in the result if the dataset has none).
         progress: show a progress bar while checking files.
+        transform: run on every training example where it is read (e.g. pitch/tempo changes).
     """
+    dset = as_dataset_config(dset)
     sources, samplerate, channels = list(dset.sources or []), dset.samplerate, dset.channels
     cache_dir = Path(cache_dir)
     root = dataset_root(dset, base_dir, cache_dir, progress)
+    train, valid, test = _read_splits(dset, root, cache_dir, progress, with_test)
+    splits = {"train": train, "valid": valid, **({"test": test} if test is not None else {})}
+    extras = []
+    for number, entry in enumerate(dset.extra):
+        extra = dset.for_extra(entry)
+        extra_root = dataset_root(extra, base_dir, cache_dir, progress)
+        extras.append(_read_splits(extra, extra_root, cache_dir, progress, with_test=False, train_only=True)[0])
+        splits[f"extra {number} ({extra.kind} {extra_root})"] = extras[-1]
+    _warn_conversions(splits, samplerate, channels)
+    for name, tracks in splits.items():
+        hours = sum(track.duration for track in tracks) / 3600
+        logger.info("%s: %d tracks, %.3f hours", name, len(tracks), hours)
+    train, valid = [conform(t, samplerate, channels) for t in train], [conform(t, samplerate, channels) for t in valid]
+    segment_frames = int(round(segment * samplerate)) + int(extra_frames)
+    train_set: tp.Union[SegmentDataset, WeightedSegments] = SegmentDataset(
+        train, segment_frames, samples_per_track, seed, unaligned=dset.unaligned, transform=transform)
+    if extras:
+        extra_sets = [SegmentDataset([conform(t, samplerate, channels) for t in tracks], segment_frames,
+                                     samples_per_track, _extra_seed(seed, number), unaligned=entry.unaligned,
+                                     transform=transform)
+                      for number, (tracks, entry) in enumerate(zip(extras, dset.extra))]
+        train_set = WeightedSegments(train_set, extra_sets, [entry.weight for entry in dset.extra])
+    return DataSplits(
+        train=train_set,
+        valid=TrackDataset(valid),
+        test=TrackDataset([conform(t, samplerate, channels) for t in test]) if test is not None else None,
+        sources=sources, samplerate=samplerate, channels=channels)
+
+
+def as_dataset_config(dset: tp.Any) -> DatasetConfig:
+    """`dset` as a :class:`DatasetConfig`: a mapping (e.g. a DictConfig) is checked against the
+    schema, absent keys taking their defaults."""
+    if isinstance(dset, DatasetConfig):
+        return dset
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), dset))
+    except OmegaConfBaseException as error:
+        raise DemixError(f"dset: {str(error).splitlines()[0]}") from None
+    assert isinstance(config, DatasetConfig)
+    return config
+
+
+def _extra_seed(seed: int, number: int) -> int:
+    return int(np.random.SeedSequence([seed, EXTRA_STREAM, number]).generate_state(1)[0])
+
+
+def _read_splits(dset: DatasetConfig, root: Path, cache_dir: Path, progress: bool, with_test: bool,
+                 train_only: bool = False) -> tp.Tuple[tp.List[Track], tp.List[Track], tp.Optional[tp.List[Track]]]:
+    """(train, valid, test) tracks of a dataset (test None when absent or not asked for; with
+    `train_only`, valid is empty: an extra dataset's validation tracks are not used at all)."""
+    if dset.kind == "moisesdb":
+        assert dset.moisesdb is not None  # DatasetConfig sets the defaults
+        _no_valid_tracks(dset)
+        tracks = scan_moisesdb(root, dset.moisesdb, dset.sources or [], cache_dir, dset.missing, progress)
+        train, valid, test = split_moisesdb(tracks, dset.moisesdb, root)
+        if train_only:
+            return train, [], None
+        if not valid:
+            raise DemixError("dset.moisesdb.valid is empty: give a fraction or a list of track folder names")
+        return train, valid, (test or None) if with_test else None
+    if dset.kind == "slakh":
+        _no_valid_tracks(dset)
+        train = _read_split(dset, root, "train", cache_dir, progress)
+        if train_only:
+            return train, [], None
+        valid = _read_split(dset, root, "valid", cache_dir, progress)
+        test = _read_split(dset, root, "test", cache_dir, progress) if with_test and (root / "test").is_dir() else None
+        return train, valid, test
     train_folder = _split_folder(root, "train")
     train = _read_split(dset, root, "train", cache_dir, progress)
+    if train_only:
+        return train, [], None
     if dset.kind != "musdb" and (root / "valid").is_dir():
         valid = _read_split(dset, root, "valid", cache_dir, progress)
         if dset.valid_tracks:
@@ -107,19 +191,14 @@ def build_datasets(dset: DatasetConfig, *, segment: float, samples_per_track: in
             test = _read_split(dset, root, "test", cache_dir, progress)
         else:
             logger.warning("no test split: %s does not exist", root / "test")
+    return train, valid, test
 
-    splits = {"train": train, "valid": valid, **({"test": test} if test is not None else {})}
-    _warn_conversions(splits, samplerate, channels)
-    for name, tracks in splits.items():
-        hours = sum(track.duration for track in tracks) / 3600
-        logger.info("%s: %d tracks, %.3f hours", name, len(tracks), hours)
-    train, valid = [conform(t, samplerate, channels) for t in train], [conform(t, samplerate, channels) for t in valid]
-    segment_frames = int(round(segment * samplerate)) + int(extra_frames)
-    return DataSplits(
-        train=SegmentDataset(train, segment_frames, samples_per_track, seed),
-        valid=TrackDataset(valid),
-        test=TrackDataset([conform(t, samplerate, channels) for t in test]) if test is not None else None,
-        sources=sources, samplerate=samplerate, channels=channels)
+
+def _no_valid_tracks(dset: DatasetConfig) -> None:
+    if dset.valid_tracks:
+        where = "dset.moisesdb.valid" if dset.kind == "moisesdb" else "its validation/ folder"
+        raise DemixError(f"dset.valid_tracks is not used with dset.kind={dset.kind} (validation comes from {where}); "
+                         "leave it empty")
 
 
 def build_test_split(dset: DatasetConfig, *, samplerate: int, channels: int, base_dir: Path,
@@ -129,9 +208,15 @@ def build_test_split(dset: DatasetConfig, *, samplerate: int, channels: int, bas
 
     Only the test split is needed: a folder with nothing but ``test/`` works.
     """
+    dset = as_dataset_config(dset)
     root = dataset_root(dset, base_dir, Path(cache_dir), progress)
-    _split_folder(root, "test")
-    tracks = _read_split(dset, root, "test", Path(cache_dir), progress)
+    if dset.kind == "moisesdb":
+        tracks: tp.List[Track] = list(_read_splits(dset, root, Path(cache_dir), progress, with_test=True)[2] or [])
+        if not tracks:
+            raise DemixError("dset.moisesdb.test is empty: no test tracks")
+    else:
+        _split_folder(root, "test")
+        tracks = _read_split(dset, root, "test", Path(cache_dir), progress)
     if not tracks:
         raise DemixError(f"{root / 'test'}: no test tracks")
     converted = [conform(track, samplerate, channels) for track in tracks]
@@ -167,11 +252,16 @@ def _split_folder(root: Path, split: str) -> Path:
 
 
 def _read_split(dset: DatasetConfig, root: Path, split: str, cache_dir: Path, progress: bool) -> tp.List[Track]:
-    """The tracks of one split folder: scanned stems, or MUSDB18 stem files."""
+    """The tracks of one split folder: scanned stems, MUSDB18 stem files or Slakh2100 tracks."""
     sources = list(dset.sources or [])
+    silent = dset.missing == "silent"
     if dset.kind == "musdb":
-        return list(load_musdb_folder(root, split, sources))
-    return list(scan_stems_folder(root / split, sources, cache_dir, progress))
+        return list(load_musdb_folder(root, split, sources, allow_missing=silent))
+    if dset.kind == "slakh":
+        assert dset.slakh is not None  # DatasetConfig sets the defaults
+        folder = _split_folder(root, SLAKH_SPLITS[split])
+        return list(scan_slakh(folder, dset.slakh, sources, cache_dir, dset.missing, progress))
+    return list(scan_stems_folder(root / split, sources, cache_dir, progress, allow_missing=silent))
 
 
 def _warn_conversions(splits: tp.Dict[str, tp.List[Track]], samplerate: int, channels: int) -> None:

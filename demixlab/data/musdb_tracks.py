@@ -32,7 +32,8 @@ class MusdbTrack(Track):
     """One ``.stem.mp4`` track of MUSDB18, read in chunks through a musdb ``MultiTrack``.
 
     ``frames`` is the length announced by the container; AAC decoding returns a few hundred
-    extra frames of padding, which are cropped.
+    extra frames of padding, which are cropped. Sources MUSDB18 does not have read as silence
+    (``dset.missing=silent``).
     """
 
     def __init__(self, track: tp.Any, sources: tp.Sequence[str]):
@@ -46,7 +47,11 @@ class MusdbTrack(Track):
 
     def read_sources(self, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Decode the sources (see :meth:`Track.read_sources`); one ffmpeg call per source."""
-        return self._decode([self.track.sources[source] for source in self.sources], offset, frames)
+        known = [source for source in self.sources if source in MUSDB_SOURCES]
+        decoded = dict(zip(known, self._decode([self.track.sources[source] for source in known], offset, frames)))
+        length = max(0, (self.frames if frames < 0 else min(self.frames, offset + frames)) - offset)
+        silence = np.zeros((self.channels, length), dtype=np.float32)
+        return np.stack([decoded.get(source, silence) for source in self.sources])
 
     def read_mixture(self, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Decode the mixture stream of the file."""
@@ -83,9 +88,12 @@ def check_sources(sources: tp.Sequence[str]) -> None:
                          f"its sources are {list(MUSDB_SOURCES)}")
 
 
-def load_musdb_folder(root: Path, subset: str, sources: tp.Sequence[str]) -> tp.List[MusdbTrack]:
-    """Load the tracks of ``root/<subset>`` (train or test) and check their stream layout."""
-    check_sources(sources)
+def load_musdb_folder(root: Path, subset: str, sources: tp.Sequence[str],
+                      allow_missing: bool = False) -> tp.List[MusdbTrack]:
+    """Load the tracks of ``root/<subset>`` (train or test) and check their stream layout; with
+    `allow_missing`, sources MUSDB18 lacks are silence instead of an error."""
+    if not allow_missing:
+        check_sources(sources)
     musdb = import_musdb()
     folder = root / subset
     try:

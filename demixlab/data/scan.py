@@ -7,6 +7,7 @@ scans only list folders and stat files.
 import hashlib
 import json
 import logging
+import os
 import typing as tp
 from collections import Counter
 from pathlib import Path
@@ -120,20 +121,27 @@ def find_source_file(track_dir: Path, files: tp.Sequence[Path], source: str) -> 
     return matches[0] if matches else None
 
 
-def locate_track_files(track_dir: Path, sources: tp.Sequence[str]) -> tp.Tuple[tp.Dict[str, Path], tp.Optional[Path]]:
-    """Find each source's file and the optional mixture file of one track folder."""
+def locate_track_files(track_dir: Path, sources: tp.Sequence[str],
+                       allow_missing: bool = False) -> tp.Tuple[tp.Dict[str, Path], tp.Optional[Path]]:
+    """Find each source's file and the optional mixture file of one track folder (with
+    `allow_missing`, sources without a file are left out, but not all of them)."""
     files = [path for path in sorted(track_dir.iterdir())
              if path.is_file() and not path.name.startswith(".")
              and path.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS]
     stems: tp.Dict[str, Path] = {}
     for source in sources:
         found = find_source_file(track_dir, files, source)
+        if found is None and allow_missing:
+            continue
         if found is None:
             expected = "/".join(f"{source}.{ext}" for ext in COMMON_EXTENSIONS)
             present = ", ".join(path.name for path in files) or "no audio files"
             raise DemixError(f"{track_dir}: missing stem '{source}' (expected one of {expected}...; "
                              f"found: {present})")
         stems[source] = found
+    if not stems:
+        present = ", ".join(path.name for path in files) or "no audio files"
+        raise DemixError(f"{track_dir}: none of the stems {', '.join(sources)} (found: {present})")
     mixture = None if MIXTURE in sources else find_source_file(track_dir, files, MIXTURE)
     return stems, mixture
 
@@ -155,9 +163,11 @@ def check_track_consistency(infos: tp.Dict[Path, AudioInfo]) -> AudioInfo:
     for key, message in CONSISTENCY_CHECKS:
         ref = Counter(key(info) for info in infos.values()).most_common(1)[0][0]
         ref_path = next(path for path, info in infos.items() if key(info) == ref)
+        top = Path(os.path.commonpath([str(path.parent) for path in infos]))
         for path, info in infos.items():
             if key(info) != ref:
-                raise DemixError(message.format(path=path, value=key(info), ref=ref, ref_name=ref_path.name))
+                raise DemixError(message.format(path=path, value=key(info), ref=ref,
+                                                ref_name=ref_path.relative_to(top).as_posix()))
     return next(iter(infos.values()))
 
 
@@ -166,33 +176,26 @@ def track_files(stems: tp.Dict[str, Path], mixture: tp.Optional[Path]) -> tp.Lis
     return [*stems.values(), *([mixture] if mixture is not None else [])]
 
 
-def scan_stems_folder(folder: Path, sources: tp.Sequence[str], cache_dir: Path,
-                      progress: bool = True) -> tp.List[StemsTrack]:
-    """Check and list the tracks of one split folder (``folder/TRACK/SOURCE.ext``).
+def check_track_files(groups: tp.Mapping[tp.Any, tp.Sequence[Path]], cache: "MetadataCache", label: str,
+                      progress: bool = True) -> tp.Dict[tp.Any, AudioInfo]:
+    """Check the audio files of several tracks (`groups`: track key -> its files) and return each
+    track's shape (rate, channels, length shared by its files).
 
-    Layout errors come first (cheap), then header consistency, then the full read of files
-    that are not in the metadata cache.
+    Headers first (cached ones are not reopened), then consistency within each track, then the
+    full read of the files the cache does not know; the cache is saved even when a check fails.
     """
-    folder = folder.absolute()
-    track_dirs = sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
-    if not track_dirs:
-        raise DemixError(f"{folder}: no track folders (expected {folder}/TRACK/{sources[0]}.wav...)")
-    layouts = {track_dir: locate_track_files(track_dir, sources) for track_dir in track_dirs}
-
-    cache = MetadataCache.for_folder(cache_dir, folder)
     try:
         headers: tp.Dict[Path, AudioInfo] = {}
         unchecked: tp.List[Path] = []
-        for stems, mixture in layouts.values():
-            for path in track_files(stems, mixture):
+        for files in groups.values():
+            for path in files:
                 cached = cache.lookup(path)
                 if cached is None:
                     unchecked.append(path)
                 headers[path] = cached or audio_info(path)
-        shapes = {}
-        for track_dir, (stems, mixture) in layouts.items():
-            shapes[track_dir] = check_track_consistency({path: headers[path] for path in track_files(stems, mixture)})
-        bar = tqdm(unchecked, desc=f"checking {folder.name}", unit="file", disable=not progress or not unchecked,
+        shapes = {key: check_track_consistency({path: headers[path] for path in files})
+                  for key, files in groups.items() if files}
+        bar = tqdm(unchecked, desc=f"checking {label}", unit="file", disable=not progress or not unchecked,
                    leave=False, dynamic_ncols=True)
         for path in bar:
             info = check_audio_file(path)
@@ -202,6 +205,25 @@ def scan_stems_folder(folder: Path, sources: tp.Sequence[str], cache_dir: Path,
         cache.save(prune=True)
     finally:
         cache.save()
+    return shapes
+
+
+def scan_stems_folder(folder: Path, sources: tp.Sequence[str], cache_dir: Path,
+                      progress: bool = True, allow_missing: bool = False) -> tp.List[StemsTrack]:
+    """Check and list the tracks of one split folder (``folder/TRACK/SOURCE.ext``).
+
+    Layout errors come first (cheap), then header consistency, then the full read of files
+    that are not in the metadata cache. With `allow_missing`, a track may lack some of the
+    stems (they read as silence), not all of them.
+    """
+    folder = folder.absolute()
+    track_dirs = sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+    if not track_dirs:
+        raise DemixError(f"{folder}: no track folders (expected {folder}/TRACK/{sources[0]}.wav...)")
+    layouts = {track_dir: locate_track_files(track_dir, sources, allow_missing) for track_dir in track_dirs}
+    cache = MetadataCache.for_folder(cache_dir, folder)
+    shapes = check_track_files({track_dir: track_files(stems, mixture) for track_dir, (stems, mixture)
+                                in layouts.items()}, cache, folder.name, progress)
     return [StemsTrack(track_dir.name, stems, mixture, shapes[track_dir].samplerate, shapes[track_dir].channels,
-                       shapes[track_dir].frames)
+                       shapes[track_dir].frames, sources=list(sources))
             for track_dir, (stems, mixture) in layouts.items()]

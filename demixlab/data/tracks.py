@@ -34,6 +34,10 @@ class Track(abc.ABC):
     def read_mixture(self, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Return the mixture as a float32 array (channels, time)."""
 
+    def read_source(self, source: int, offset: int = 0, frames: int = -1) -> np.ndarray:
+        """Return source number `source` alone as a float32 array (channels, time)."""
+        return self.read_sources(offset, frames)[source]
+
     @property
     def duration(self) -> float:
         """Length in seconds."""
@@ -48,13 +52,14 @@ class StemsTrack(Track):
     """A track stored as one audio file per source, plus an optional mixture file.
 
     Without a mixture file, the mixture is the sum of the sources. The files are assumed to
-    have been checked (same rate, channel count and length) by the scanner.
+    have been checked (same rate, channel count and length) by the scanner. `sources` (default:
+    the keys of `stems`) may name sources without a file: they read as silence.
     """
 
     def __init__(self, name: str, stems: tp.Dict[str, Path], mixture: tp.Optional[Path],
-                 samplerate: int, channels: int, frames: int):
+                 samplerate: int, channels: int, frames: int, sources: tp.Optional[tp.Sequence[str]] = None):
         self.name = name
-        self.sources = list(stems)
+        self.sources = list(stems) if sources is None else list(sources)
         self.stems = dict(stems)
         self.mixture = mixture
         self.samplerate = samplerate
@@ -63,7 +68,14 @@ class StemsTrack(Track):
 
     def read_sources(self, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Read every stem file (see :meth:`Track.read_sources`)."""
-        return np.stack([read_audio(self.stems[source], offset, frames) for source in self.sources])
+        return np.stack([self.read_source(index, offset, frames) for index in range(len(self.sources))])
+
+    def read_source(self, source: int, offset: int = 0, frames: int = -1) -> np.ndarray:
+        """Read one stem file (silence for a source without one)."""
+        path = self.stems.get(self.sources[source])
+        if path is None:
+            return np.zeros((self.channels, _span(self.frames, offset, frames)), dtype=np.float32)
+        return read_audio(path, offset, frames)
 
     def read_mixture(self, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Read the mixture file, or sum the stems when there is none."""
@@ -102,8 +114,13 @@ class ConvertedTrack(Track):
         """Read and convert the mixture (see :meth:`Track.read_mixture`)."""
         return self._read(False, offset, frames)
 
-    def _read(self, sources: bool, offset: int, frames: int) -> np.ndarray:
-        read = self.track.read_sources if sources else self.track.read_mixture
+    def read_source(self, source: int, offset: int = 0, frames: int = -1) -> np.ndarray:
+        """Read and convert one source."""
+        return self._read(False, offset, frames, lambda start, length: self.track.read_source(source, start, length))
+
+    def _read(self, sources: bool, offset: int, frames: int,
+              read: tp.Optional[tp.Callable[[int, int], np.ndarray]] = None) -> np.ndarray:
+        read = read or (self.track.read_sources if sources else self.track.read_mixture)
         end = self.frames if frames < 0 else min(self.frames, offset + frames)
         if offset >= end:
             shape = (len(self.sources),) if sources else ()
@@ -119,6 +136,12 @@ class ConvertedTrack(Track):
         wav = torch.from_numpy(read(old_start, old_end - old_start))
         wav = convert_audio(wav, self.track.samplerate, self.samplerate, self.channels)
         return np.ascontiguousarray(wav[..., first:first + end - offset].numpy(), dtype=np.float32)
+
+
+def _span(total: int, offset: int, frames: int) -> int:
+    """How many frames a read of `frames` (-1: to the end) at `offset` returns from `total`."""
+    end = total if frames < 0 else min(total, offset + frames)
+    return max(0, end - offset)
 
 
 def conform(track: Track, samplerate: int, channels: int) -> Track:

@@ -25,13 +25,12 @@ that is numerically singular when the references are band-limited (synthesizers,
 dataset, bass stems...): museval's own values then change by several dB when its input is
 scaled by 1 + 1e-12, and no implementation can reproduce them; a warning is logged (once) then.
 
-Here all cross-correlations come from blocked FFTs; the Gram system, block Toeplitz since its
-entries are full-track correlations, is solved once for all estimates by block Levinson recursion
-in O(L^2 P^3) (museval factorises the dense (P L)^2 matrix, once per source; so does this module
-when the system is numerically singular, where the recursion is unstable); the per-frame
-projections of all frames and sources are batched products in the frequency domain; energies
-use Parseval. Everything runs in float64 on the inputs' device (the evaluation loop passes CPU
-tensors: the test set is scored on the CPU).
+Here all cross-correlations come from blocked FFTs, the big Gram system is solved once for all
+estimates (museval refactorises it per source) by Cholesky, and the per-frame projections of all
+frames and sources are batched products in the frequency domain; energies use Parseval.
+(A block Levinson solve of the block-Toeplitz Gram system was tried: on music-like references,
+whose systems have condition numbers of 1e7-1e9, its residual is 1e-10 against 1e-15 for Cholesky.)
+Everything runs in float64 on the inputs' device; the evaluation loop passes CPU tensors.
 """
 import logging
 import math
@@ -145,15 +144,14 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
     spec_all = torch.fft.rfft(filters_all, n=n_fft, dim=3).permute(0, 1, 2, 4, 3)
     spec_own = torch.fft.rfft(filters_own, n=n_fft, dim=2).permute(0, 1, 3, 2)
     spec_all = spec_all.reshape(sources, sources * channels, channels, -1)
-    # Parseval for a real signal of length <= n_fft from its rfft.
-    weights = torch.full((n_fft // 2 + 1,), 2.0, dtype=torch.float64, device=refs.device)
-    weights[0] = 1
-    if n_fft % 2 == 0:
-        weights[-1] = 1
-    weights /= n_fft
-
     def energy(spectrum: torch.Tensor) -> torch.Tensor:  # (..., C, K) -> (...)
-        return torch.view_as_real(spectrum).square().sum(-1).mul_(weights).sum(dim=(-2, -1))
+        """Parseval for real signals of length <= n_fft from their rfft: every bin counts twice
+        but DC (and Nyquist for an even n_fft). One fused norm, 15x faster than square-then-sum."""
+        total = 2 * torch.linalg.vector_norm(torch.view_as_real(spectrum), dim=(-3, -2, -1)).square()
+        edges = spectrum[..., 0].abs().square()
+        if n_fft % 2 == 0:
+            edges = edges + spectrum[..., -1].abs().square()
+        return (total - edges.sum(-1)) / n_fft
 
     isr, sir, sar = [], [], []
     for start in range(0, ref_frames.shape[2], _FRAMES_PER_CHUNK):
@@ -183,100 +181,53 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
     """Least-squares filters on the whole track.
 
     Returns (S_est, S_ref, C_ref, L, C_out) filters onto all references and (S, C_ref, L, C_out)
-    filters of each estimate onto its own reference. The normal equations are museval's (its Gram
-    matrix of delayed references, regularised by machine epsilon on the diagonal); the Gram matrix
-    of full-track correlations is block Toeplitz, so they are solved by block Levinson recursion
-    (:func:`_solve_block_toeplitz`) rather than by a dense factorisation.
+    filters of each estimate onto its own reference.
     """
     sources, channels, _ = refs.shape
     pairs = sources * channels
     lag = filters_len - 1
     flat_refs = refs.reshape(pairs, -1)
     correlations = _lagged_correlations(flat_refs, torch.cat([flat_refs, ests.reshape(pairs, -1)]), lag)
-    # blocks[k][p, q] = <ref_p, ref_q delayed by k> for k >= 0: the Gram matrix's block (a, b) is
-    # blocks[a - b] (transposed for a < b); rhs[a][p, (s, c)] = <ref_p delayed by a, est_{s, c}>.
-    blocks = correlations[:, :pairs, lag:].permute(2, 0, 1)  # (L, P, P)
-    rhs = correlations[:, pairs:, lag:].permute(2, 0, 1)  # (L, P, P)
-    filters_all = _solve_block_toeplitz(blocks, rhs)  # (L, P, P): [lag, reference pair, estimate pair]
-    filters_all = filters_all.reshape(filters_len, sources, channels, sources, channels).permute(3, 1, 2, 0, 4)
-    own = []
-    for source in range(sources):  # each estimate onto its own reference only: the diagonal blocks
-        index = slice(source * channels, (source + 1) * channels)
-        own.append(_solve_block_toeplitz(blocks[:, index, index], rhs[:, index, index]))
-    filters_own = torch.stack(own).permute(0, 2, 1, 3)  # (S, C_ref, L, C_out)
-    return filters_all.contiguous(), filters_own.contiguous()
+    # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]
+    delays = torch.arange(filters_len, device=refs.device)
+    gram = correlations[:, :pairs, delays[:, None] - delays[None, :] + lag]  # (P, P, L, L)
+    gram = gram.permute(0, 2, 1, 3).reshape(pairs * filters_len, pairs * filters_len)
+    # rhs[(p, a), (s, c)] = <ref_p delayed by a, est_{s, c}> = corr[p, P + s*C + c, a]
+    rhs = correlations[:, pairs:, lag:].permute(0, 2, 1).reshape(pairs * filters_len, pairs)
+    gram.diagonal().add_(_EPS)
+    filters_all = _solve(gram, rhs)
+    filters_all = filters_all.reshape(sources, channels, filters_len, sources, channels).permute(3, 0, 1, 2, 4)
+    # The diagonal blocks of the same system: each estimate onto its own reference only.
+    block = channels * filters_len
+    own_gram = torch.stack([gram[j * block:(j + 1) * block, j * block:(j + 1) * block] for j in range(sources)])
+    own_rhs = torch.stack([rhs[j * block:(j + 1) * block, j * channels:(j + 1) * channels] for j in range(sources)])
+    filters_own = _solve(own_gram, own_rhs)  # already regularised like museval's
+    return filters_all.contiguous(), filters_own.reshape(sources, channels, filters_len, channels)
 
 
-def _solve_block_toeplitz(blocks: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve sum_b G[a - b] x[b] = rhs[a] for a = 0..L-1, where G[k] = blocks[k] for k >= 0 and
-    G[-k] = blocks[k]^T (a symmetric positive semi-definite block Toeplitz system, P x P blocks),
-    with machine epsilon added to the diagonal as museval does. (L, P, P) and (L, P, R) -> (L, P, R).
+def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve the symmetric positive (semi-)definite Gram system: Cholesky, LU when that fails.
 
-    Block Levinson recursion (Whittle, Wiggins and Robinson): the forward and backward solutions
-    of the leading systems grow by one block per step, O(L^2 P^3) in all. The recursion is not
-    stable when the system is numerically singular (a block pivot below ``SINGULAR_RCOND`` times
-    the largest eigenvalue of G[0]); the system is then solved densely (:func:`_solve_dense`), and
-    a warning says that ISR, SIR and SAR depend on rounding, in museval as here (SDR does not).
+    Warns (once per process) when the system is numerically singular: then ISR, SIR and SAR
+    depend on rounding, in museval as here (SDR does not).
     """
-    length, size = blocks.shape[:2]
-    eye = torch.eye(size, dtype=blocks.dtype, device=blocks.device)
-    first = blocks[0] + _EPS * eye
-    threshold = SINGULAR_RCOND * torch.linalg.eigvalsh(first)[-1]
-    lower = torch.cat([first[None], blocks[1:]])  # G[k], k >= 0
-    upper = lower.transpose(1, 2)  # G[-k]
-    reversed_lower = lower.flip(0)  # reversed_lower[L - 1 - k] = G[k]
-    inverse = torch.linalg.inv(first)
-    forward, backward = inverse[None], inverse[None]  # T_n forward = [I; 0...], T_n backward = [0...; I]
-    solution = (inverse @ rhs[0])[None]
-    for n in range(1, length):
-        # Errors of the zero-padded solutions on the new last (first) block row.
-        recent = reversed_lower[length - 1 - n:length - 1]  # G[n - j] for j = 0..n-1
-        error_forward = torch.einsum("jpq,jqr->pr", recent, forward)  # sum_j G[n - j] f_j
-        error_backward = torch.einsum("jpq,jqr->pr", upper[1:n + 1], backward)  # sum_j G[-(j + 1)] b_j
-        alpha = torch.linalg.inv(eye - error_backward @ error_forward)
-        delta = torch.linalg.inv(eye - error_forward @ error_backward)
-        padded_forward = torch.cat([forward, torch.zeros_like(forward[:1])])
-        padded_backward = torch.cat([torch.zeros_like(backward[:1]), backward])
-        forward = padded_forward @ alpha - padded_backward @ (error_forward @ alpha)
-        backward = padded_backward @ delta - padded_forward @ (error_backward @ delta)
-        error_solution = torch.einsum("jpq,jqr->pr", recent, solution)  # sum_j G[n - j] x_j
-        solution = torch.cat([solution, torch.zeros_like(solution[:1])]) + backward @ (rhs[n] - error_solution)
-        # The inverse of the last backward block is the last block pivot of the leading system's
-        # LDL^T factorisation; stop at the first one that tells a singular system.
-        pivot = torch.linalg.inv(backward[-1])
-        smallest = torch.linalg.eigvalsh((pivot + pivot.T) / 2)[0]
-        if not bool(smallest >= threshold):  # also catches NaN
-            _warn_singular()
-            return _solve_dense(lower, rhs)
-    return solution
-
-
-def _solve_dense(lower: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """The block Toeplitz system of :func:`_solve_block_toeplitz` (``lower[k]`` = G[k], already
-    regularised) as one dense (L P)^2 matrix: Cholesky, LU when that fails. O((L P)^3)."""
-    length, size = lower.shape[:2]
-    delays = torch.arange(length, device=lower.device)
-    difference = delays[:, None] - delays[None, :]  # a - b
-    blocks = torch.where((difference >= 0)[:, :, None, None], lower[difference.abs()],
-                         lower[difference.abs()].transpose(-1, -2))  # (L, L, P, P): G[a - b]
-    matrix = blocks.permute(0, 2, 1, 3).reshape(length * size, length * size)
-    flat_rhs = rhs.reshape(length * size, -1)
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) == 0:
-        solution = torch.cholesky_solve(flat_rhs, factor)
-    else:
-        solution = torch.linalg.solve(matrix, flat_rhs)
-    return solution.reshape(length, size, -1)
-
-
-def _warn_singular() -> None:
     global _warned_singular
-    logger.debug("BSS Eval v4: the distortion filters' Gram system is numerically singular")
-    if not _warned_singular:
-        _warned_singular = True
-        logger.warning("BSS Eval v4: the references are band-limited enough that the distortion filters' "
-                       "Gram system is numerically singular: ISR, SIR and SAR then depend on rounding (in "
-                       "museval too; SDR does not). Compare SDR; read ISR/SIR/SAR with care.")
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if bool((info == 0).all()):
+        pivots = factor.diagonal(dim1=-2, dim2=-1).pow(2)
+        singular = bool((pivots.min(-1).values < SINGULAR_RCOND * pivots.max(-1).values).any())
+        solution = torch.cholesky_solve(rhs, factor)
+    else:
+        singular = True
+        solution = torch.linalg.solve(matrix, rhs)
+    if singular:
+        logger.debug("BSS Eval v4: the distortion filters' Gram system is numerically singular")
+        if not _warned_singular:
+            _warned_singular = True
+            logger.warning("BSS Eval v4: the references are band-limited enough that the distortion filters' "
+                           "Gram system is numerically singular: ISR, SIR and SAR then depend on rounding (in "
+                           "museval too; SDR does not). Compare SDR; read ISR/SIR/SAR with care.")
+    return solution
 
 
 def _lagged_correlations(first: torch.Tensor, second: torch.Tensor, max_lag: int) -> torch.Tensor:

@@ -12,17 +12,25 @@ import torch
 from torch import nn
 
 from ..errors import DemixError
+from .effects import CodecConfig, DistortionConfig, EqConfig, ExampleEffects, PitchTempoConfig, ReverbConfig, build_effects
 
 
 @dataclass
 class AugmentConfig:
-    """`augment`: which transforms run, in this order: shift, channel swap, sign flip, gain, remix."""
+    """`augment`: which transforms run. Where examples are read (DataLoader workers): pitch/tempo,
+    then per source EQ, distortion, reverb, codec (:mod:`.effects`, all off by default). On the
+    training device, in this order: shift, channel swap, sign flip, gain, remix."""
 
     shift: float = 0.0  # seconds of random time shift, drawn per source
     flip_channels: bool = True  # swap left/right at random, per source
     flip_sign: bool = False  # multiply by -1 at random, per source
     scale: tp.Optional[tp.List[float]] = field(default_factory=lambda: [0.25, 1.25])  # [low, high]; null: off
     remix: int = 4  # remix sources within groups of N examples; 0 disables
+    pitch_tempo: PitchTempoConfig = field(default_factory=PitchTempoConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    eq: EqConfig = field(default_factory=EqConfig)
+    reverb: ReverbConfig = field(default_factory=ReverbConfig)
+    distortion: DistortionConfig = field(default_factory=DistortionConfig)
 
     def __post_init__(self) -> None:
         if self.shift < 0:
@@ -135,6 +143,12 @@ class Augmentation(nn.Module):
     def __repr__(self) -> str:
         names = ", ".join(type(transform).__name__ for transform in self.transforms)
         return f"Augmentation([{names}])"
+
+
+def build_example_effects(augment: AugmentConfig, samplerate: int) -> tp.Optional[ExampleEffects]:
+    """The dataset-side effects of the `augment:` section, or None when they are all off."""
+    return build_effects(samplerate, {"pitch_tempo": augment.pitch_tempo, "codec": augment.codec, "eq": augment.eq,
+                                      "reverb": augment.reverb, "distortion": augment.distortion})
 
 
 def build_augmentation(augment: AugmentConfig, samplerate: int) -> Augmentation:

@@ -11,6 +11,7 @@ The schema only checks: signatures and the configuration digest are computed on 
 configuration as Hydra gives it (:mod:`demixlab.experiment`), so declaring a type never changes
 what an existing signature means.
 """
+import dataclasses
 import typing as tp
 from dataclasses import dataclass, field
 
@@ -177,7 +178,29 @@ def parse_config(cfg: DictConfig) -> TrainingConfig:
         merged = OmegaConf.merge(OmegaConf.structured(TrainingConfig), cfg)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise DemixError(schema_error(error)) from None
+        key = getattr(error, "full_key", None) or _section_given_a_value(TrainingConfig, cfg)
+        raise DemixError(schema_error(error) if not key or getattr(error, "full_key", None)
+                         else f"{key}: expected a section of options, got {OmegaConf.select(cfg, key)!r}") from None
     assert isinstance(config, TrainingConfig)
     return config
+
+
+def _section_given_a_value(schema: tp.Any, cfg: tp.Any, prefix: str = "") -> tp.Optional[str]:
+    """The first key where `schema` declares a section (a dataclass) and `cfg` holds a plain value
+    (OmegaConf's merge error does not say where)."""
+    for item in dataclasses.fields(schema):
+        kind = item.type
+        options = [arg for arg in tp.get_args(kind) if arg is not type(None)] if tp.get_origin(kind) is tp.Union else [kind]
+        section = next((option for option in options if dataclasses.is_dataclass(option)), None)
+        if section is None or not isinstance(cfg, DictConfig) or item.name not in cfg:
+            continue
+        value = cfg[item.name]
+        if value is None:
+            continue
+        if not isinstance(value, DictConfig):
+            return f"{prefix}{item.name}"
+        found = _section_given_a_value(section, value, f"{prefix}{item.name}.")
+        if found:
+            return found
+    return None
 

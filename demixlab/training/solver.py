@@ -27,7 +27,7 @@ from ..data import build_datasets, resolve_cache_dir
 from ..errors import DemixError
 from ..models import get_family
 from . import distrib
-from .augment import build_augmentation
+from .augment import build_augmentation, build_example_effects
 from .checkpoint import Checkpointer, Record, XPIdentity
 from .config import TrainingConfig, is_model_file, parse_config
 from .optim import LearningRateSchedule, ModelEMA, build_optimizer
@@ -102,7 +102,8 @@ class Solver:
         self.data = build_datasets(
             config.dset, segment=config.segment, samples_per_track=config.samples_per_track, seed=config.seed,
             cache_dir=resolve_cache_dir(config.misc.cache_dir), base_dir=base_dir,
-            extra_frames=self.augment.extra_frames, with_test=True, progress=config.misc.progress)
+            extra_frames=self.augment.extra_frames, with_test=True, progress=config.misc.progress,
+            transform=build_example_effects(config.augment, config.dset.samplerate))
         self.sources = list(self.data.sources)
         self.segment_frames = int(round(config.segment * self.data.samplerate))
 

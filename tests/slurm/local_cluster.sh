@@ -4,19 +4,24 @@
 #
 #   tests/slurm/local_cluster.sh start    install slurm-wlm and munge if missing (apt, needs root),
 #                                         configure, start munged, slurmctld and slurmd, wait idle
-#   tests/slurm/local_cluster.sh stop     stop the daemons (by PID)
+#   tests/slurm/local_cluster.sh stop     cancel every job and wait until Slurm has ended them, stop
+#                                         slurmd and slurmctld, kill any job step still alive, stop
+#                                         munged; does nothing for what is already stopped
 #   tests/slurm/local_cluster.sh status   sinfo / squeue
 #   eval "$(tests/slurm/local_cluster.sh env)"   point Slurm clients (and dora grid) at it
 #
 # Everything lives in $DEMIXLAB_SLURM_DIR (default /tmp/demixlab-slurm): slurm.conf, gres.conf,
-# state, logs. The node advertises two fake GPUs (plain files) so that `gpus=2` XPs run as two
+# state, logs, and a munged of its own (own key and socket, which slurm.conf names), so that several
+# clusters (two test sessions, say) run side by side on free ports and stopping one leaves the
+# others, and any system munged, alone. The node advertises two fake GPUs (plain files) so that `gpus=2` XPs run as two
 # tasks (gloo on CPU). There is no accounting database: a `sacct` stand-in (tests/slurm/bin) answers
 # from `scontrol show job` and the job completion log, which is all submitit and Dora need.
 set -euo pipefail
 
-DIR=${DEMIXLAB_SLURM_DIR:-/tmp/demixlab-slurm}
+DIR=$(realpath -m "${DEMIXLAB_SLURM_DIR:-/tmp/demixlab-slurm}")
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export SLURM_CONF="$DIR/slurm.conf"
+MUNGE="$DIR/munge"
 
 say() { echo "local_cluster: $*" >&2; }
 
@@ -34,10 +39,20 @@ install_packages() {
   apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
 }
 
+free_ports() {  # two TCP ports nothing listens on now
+  python3 -c '
+import socket
+sockets = [socket.socket() for _ in range(2)]
+for sock in sockets:
+    sock.bind(("127.0.0.1", 0))
+print(*(sock.getsockname()[1] for sock in sockets))'
+}
+
 write_config() {
-  local host cpus memory
+  local host cpus memory ctld_port slurmd_port
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys both (the tests set the first)
+  read -r ctld_port slurmd_port < <(free_ports)
   # Leave 1 GiB to the system; Slurm refuses a node whose RealMemory exceeds what it finds.
   memory=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/gpus"
@@ -48,6 +63,9 @@ ClusterName=demixlab
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=socket=$MUNGE/munge.socket
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -84,21 +102,34 @@ running() {  # running PIDFILE
   [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
+start_munge() {  # a munged of this cluster's own, with its own key
+  mkdir -p "$MUNGE"
+  chmod 711 "$MUNGE"
+  if [ ! -s "$MUNGE/munge.key" ]; then
+    (umask 077 && head -c 128 /dev/urandom > "$MUNGE/munge.key")
+  fi
+  if running "$MUNGE/munged.pid"; then
+    return
+  fi
+  "$(PATH=$PATH:/usr/sbin:/sbin command -v munged)" --force --socket="$MUNGE/munge.socket" \
+    --key-file="$MUNGE/munge.key" --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" \
+    --seed-file="$MUNGE/munged.seed"
+}
+
 start() {
   install_packages
   if running "$DIR/slurmctld.pid" && running "$DIR/slurmd.pid"; then
     say "already running ($DIR)"
     return
   fi
+  stop 2>/dev/null  # whatever is left of an earlier start
   write_config
-  mkdir -p /run/munge
-  chown munge:munge /run/munge 2>/dev/null || true
-  if ! pgrep -x munged >/dev/null; then
-    runuser -u munge -- /usr/sbin/munged
-  fi
+  start_munge
   slurmctld -c
   slurmd
-  for _ in $(seq 150); do
+  # Generous: a loaded machine starts the daemons slowly.
+  local deadline=$((SECONDS + 120))
+  while [ $SECONDS -lt $deadline ]; do
     if [ "$(sinfo -h -o %T 2>/dev/null)" = "idle" ]; then
       say "node $(hostname -s) idle; export SLURM_CONF=$SLURM_CONF PATH=$HERE/bin:\$PATH"
       return
@@ -110,16 +141,54 @@ start() {
   exit 1
 }
 
-stop() {
-  local pidfile pid
-  for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; do
-    if running "$pidfile"; then
-      pid=$(cat "$pidfile")
-      kill "$pid"
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+stop_daemon() {  # stop_daemon PIDFILE: SIGTERM, then SIGKILL if it is still there after 30 s
+  local pid deadline=$((SECONDS + 30))
+  if running "$1"; then
+    pid=$(cat "$1")
+    kill "$pid" 2>/dev/null || true
+    while [ $SECONDS -lt $deadline ] && kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$1"
+}
+
+job_processes() {  # PIDs of this cluster's job steps (slurmstepd) and of the programs they run
+  local environ pid
+  # Both carry this cluster's SLURM_CONF in their environment (slurmd passes its own on; jobs get
+  # the submitter's); a shell that merely points at the cluster has no SLURM_JOB_ID.
+  for environ in $(grep -lzx "SLURM_CONF=$SLURM_CONF" /proc/[0-9]*/environ 2>/dev/null); do
+    pid=${environ#/proc/}
+    pid=${pid%/environ}
+    if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmstepd ] || grep -qz '^SLURM_JOB_ID=' "$environ" 2>/dev/null; then
+      echo "$pid"
     fi
-    rm -f "$pidfile"
   done
+}
+
+stop() {
+  local jobs pids deadline
+  if running "$DIR/slurmctld.pid"; then
+    jobs=$(squeue -h -o %A 2>/dev/null | sort -u || true)
+    if [ -n "$jobs" ]; then
+      say "cancelling jobs" $jobs
+      # shellcheck disable=SC2086
+      scancel $jobs 2>/dev/null || true
+      # Until Slurm lists none (completing jobs included): their steps have ended.
+      deadline=$((SECONDS + 120))
+      while [ $SECONDS -lt $deadline ] && [ -n "$(squeue -h -o %A 2>/dev/null)" ]; do
+        sleep 0.2
+      done
+    fi
+  fi
+  stop_daemon "$DIR/slurmd.pid"
+  stop_daemon "$DIR/slurmctld.pid"
+  pids=$(job_processes)
+  if [ -n "$pids" ]; then
+    say "killing job processes left behind:" $pids
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+  fi
+  stop_daemon "$MUNGE/munged.pid"
   say "stopped"
 }
 
