@@ -107,7 +107,15 @@ def write_audio(path: tp.Union[str, Path], wav: tp.Union[np.ndarray, torch.Tenso
     if isinstance(wav, torch.Tensor):
         wav = wav.detach().cpu().numpy()
     path = Path(path)
-    ext = path.suffix.lower().lstrip(".")
+    kwargs = sound_format(path, subtype)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.asarray(wav, dtype=np.float32).T, samplerate, **kwargs)
+
+
+def sound_format(path: Path, subtype: str) -> tp.Dict[str, tp.Any]:
+    """soundfile's `format` and `subtype` for writing `path` (by its extension: wav, flac, ogg, mp3)
+    with the sample format `subtype` (int16, int24 or float32; FLAC stores float32 as 24 bits)."""
+    ext = Path(path).suffix.lower().lstrip(".")
     kwargs: tp.Dict[str, tp.Any] = {}
     if ext == "wav":
         if subtype not in WAV_SUBTYPES:
@@ -118,8 +126,38 @@ def write_audio(path: tp.Union[str, Path], wav: tp.Union[np.ndarray, torch.Tenso
     kwargs["format"] = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG", "mp3": "MP3"}.get(ext)
     if kwargs["format"] is None:
         raise DemixError(f"{path}: unsupported output extension .{ext} (expected wav, flac, ogg or mp3)")
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), np.asarray(wav, dtype=np.float32).T, samplerate, **kwargs)
+    return kwargs
+
+
+class AudioWriter:
+    """Write a (C, n)-block stream to `tmp` in the format `target`'s extension names (see
+    :func:`sound_format`); the file opens at the first block. Write errors (a full disk...) are
+    :class:`DemixError` naming `target`."""
+
+    def __init__(self, tmp: Path, target: Path, samplerate: int, subtype: str = "float32"):
+        self.tmp, self.target, self.samplerate = Path(tmp), Path(target), int(samplerate)
+        self.kwargs = sound_format(self.target, subtype)
+        self._handle: tp.Optional[sf.SoundFile] = None
+
+    def write(self, block: tp.Union[np.ndarray, torch.Tensor]) -> None:
+        """Append a (channels, n) block."""
+        if isinstance(block, torch.Tensor):
+            block = block.detach().cpu().numpy()
+        try:
+            if self._handle is None:
+                self._handle = sf.SoundFile(str(self.tmp), "w", self.samplerate, block.shape[0], **self.kwargs)
+            self._handle.write(np.asarray(block, dtype=np.float32).T)
+        except Exception as error:
+            raise DemixError(f"{self.target}: cannot write audio ({_short(error)})") from None
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            try:
+                handle.close()
+            except Exception as error:
+                raise DemixError(f"{self.target}: cannot write audio ({_short(error)})") from None
 
 
 def convert_audio(wav: torch.Tensor, from_samplerate: int, to_samplerate: int, channels: int) -> torch.Tensor:
@@ -184,3 +222,218 @@ def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
 def _short(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------- block-wise audio I/O
+BLOCK_FRAMES = 1 << 16
+"""Frames per block when reading a file block by block (about 1.5 s at 44.1 kHz)."""
+
+
+class AudioReader:
+    """Read an audio file block by block, in memory that does not grow with the file's length.
+
+    soundfile reads what it decodes (WAV, FLAC, OGG, MP3); anything else is decoded by an `ffmpeg`
+    process into a pipe (float32 WAV), when ffmpeg is on PATH. Iterating yields float32 (C, n)
+    tensors of at most `blocksize` frames, the same samples :func:`load_audio_file` reads. Errors
+    (unreadable, empty, NaN/Inf samples, ffmpeg failing midway) are :class:`DemixError` naming the file.
+
+    Attributes:
+        samplerate, channels: the file's.
+        frames: the length from the header, or None when decoding through ffmpeg (unknown until the end).
+    """
+
+    def __init__(self, path: tp.Union[str, Path], blocksize: int = BLOCK_FRAMES):
+        self.path = Path(path)
+        self.blocksize = int(blocksize)
+        self._process: tp.Optional[subprocess.Popen] = None
+        self._errors: tp.Optional[tp.IO[bytes]] = None
+        self._handle: tp.Optional[sf.SoundFile] = None
+        if not self.path.is_file():
+            raise DemixError(f"{self.path}: no such file")
+        try:
+            self._handle = sf.SoundFile(str(self.path))
+        except Exception:
+            self._open_ffmpeg()
+            return
+        self.samplerate = int(self._handle.samplerate)
+        self.channels = int(self._handle.channels)
+        self.frames: tp.Optional[int] = int(self._handle.frames)
+        if self.frames <= 0:
+            self.close()
+            raise DemixError(f"{self.path}: audio file is empty")
+
+    def _open_ffmpeg(self) -> None:
+        ffmpeg = shutil.which("ffmpeg")
+        if ffmpeg is None:
+            raise DemixError(f"{self.path}: cannot read this audio format (install ffmpeg to read more formats)")
+        self._errors = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(
+            [ffmpeg, "-nostdin", "-v", "error", "-i", str(self.path), "-vn", "-acodec", "pcm_f32le", "-f", "wav", "-"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._errors)
+        try:
+            self.channels, self.samplerate = self._wav_header()
+        except DemixError:
+            self.close()
+            raise
+        self.frames = None
+
+    def _pipe_read(self, size: int) -> bytes:
+        assert self._process is not None and self._process.stdout is not None
+        chunks, missing = [], size
+        while missing > 0:
+            data = self._process.stdout.read(missing)
+            if not data:
+                break
+            chunks.append(data)
+            missing -= len(data)
+        return b"".join(chunks)
+
+    def _ffmpeg_failure(self) -> DemixError:
+        assert self._process is not None and self._errors is not None
+        self._process.wait()
+        self._errors.seek(0)
+        lines = self._errors.read().decode(errors="replace").strip().splitlines()
+        return DemixError(f"{self.path}: cannot read audio, neither soundfile nor ffmpeg decodes it "
+                          f"({lines[-1] if lines else 'unknown error'})")
+
+    def _wav_header(self) -> tp.Tuple[int, int]:
+        """(channels, samplerate) of ffmpeg's WAV stream; leaves the pipe at the first sample."""
+        riff = self._pipe_read(12)
+        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+            raise self._ffmpeg_failure()
+        fmt: tp.Optional[bytes] = None
+        while True:
+            header = self._pipe_read(8)
+            if len(header) < 8:
+                raise self._ffmpeg_failure()
+            size = int.from_bytes(header[4:], "little")
+            if header[:4] == b"data":
+                break
+            body = self._pipe_read(size + (size & 1))
+            if header[:4] == b"fmt ":
+                fmt = body
+        if fmt is None or len(fmt) < 8:
+            raise self._ffmpeg_failure()
+        return int.from_bytes(fmt[2:4], "little"), int.from_bytes(fmt[4:8], "little")
+
+    def __iter__(self) -> tp.Iterator[torch.Tensor]:
+        read = 0
+        while True:
+            block = self._read_block()
+            if block is None:
+                break
+            if not np.isfinite(block).all():
+                raise DemixError(f"{self.path}: audio contains NaN or infinite samples")
+            read += block.shape[-1]
+            yield torch.from_numpy(block)
+        if read == 0:
+            raise DemixError(f"{self.path}: audio file is empty")
+
+    def _read_block(self) -> tp.Optional[np.ndarray]:
+        if self._handle is not None:
+            try:
+                data = self._handle.read(self.blocksize, dtype="float32", always_2d=True)
+            except Exception as error:
+                raise DemixError(f"{self.path}: cannot read audio ({_short(error)})") from None
+            return np.ascontiguousarray(data.T) if len(data) else None
+        frame_bytes = 4 * self.channels
+        data = self._pipe_read(self.blocksize * frame_bytes)
+        if len(data) < frame_bytes:
+            assert self._process is not None
+            if self._process.wait() != 0:
+                raise self._ffmpeg_failure()
+            return None
+        usable = len(data) - len(data) % frame_bytes
+        return np.frombuffer(data[:usable], dtype="<f4").reshape(-1, self.channels).T.astype(np.float32)
+
+    def close(self) -> None:
+        """Close the file, or stop the ffmpeg process."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            assert self._process.stdout is not None
+            self._process.stdout.close()
+            self._process = None
+        if self._errors is not None:
+            self._errors.close()
+            self._errors = None
+
+    def __enter__(self) -> "AudioReader":
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        self.close()
+
+
+class BlockResampler:
+    """julius' polyphase resampling (:func:`convert_audio`) applied block by block.
+
+    `push(block)` returns the output samples whose filter support is complete; `finish()` the rest,
+    up to the `floor(new * T / old)` samples julius gives for the whole (..., T) signal (the ends
+    replicate the first and last samples, as julius pads). The output equals julius' on the whole
+    signal within float rounding, while only a few filter lengths of input stay in memory.
+    """
+
+    def __init__(self, old_samplerate: int, new_samplerate: int):
+        self.identity = old_samplerate == new_samplerate
+        self._resample = julius.ResampleFrac(int(old_samplerate), int(new_samplerate))
+        if not self.identity:
+            self.old = self._resample.old_sr
+            self.new = self._resample.new_sr
+            kernel_length = self._resample.kernel.shape[-1]
+            self.width = (kernel_length - self.old) // 2
+        self._buffer: tp.Optional[torch.Tensor] = None
+        self._buffer_start = 0  # input position of the buffer's first sample
+        self._received = 0  # input samples pushed so far
+        self._step = 0  # next output step (each gives `new` samples, from input `step * old - width` on)
+        self._first: tp.Optional[torch.Tensor] = None
+
+    def push(self, block: torch.Tensor) -> torch.Tensor:
+        """Add the next (..., n) input samples; return the (..., m) output samples now complete."""
+        if self.identity:
+            return block
+        if self._first is None:
+            self._first = block[..., :1]
+            self._buffer = block[..., :0]
+        assert self._buffer is not None
+        self._buffer = torch.cat([self._buffer, block], dim=-1)
+        self._received += block.shape[-1]
+        steps = max(0, (self._received - self.width) // self.old)
+        return self._run(steps, final_length=None)
+
+    def finish(self) -> torch.Tensor:
+        """The remaining output samples of the whole signal pushed."""
+        if self.identity or self._buffer is None:
+            return torch.zeros(0) if self._buffer is None else self._buffer[..., :0]
+        total = self.new * self._received // self.old
+        steps = -(-total // self.new)
+        return self._run(steps, final_length=total)
+
+    def _run(self, steps: int, final_length: tp.Optional[int]) -> torch.Tensor:
+        assert self._buffer is not None and self._first is not None
+        if steps <= self._step:
+            return self._buffer.new_zeros(*self._buffer.shape[:-1], 0)
+        begin = self._step * self.old - self.width
+        end = steps * self.old + self.width
+        window = self._buffer[..., max(begin, self._buffer_start) - self._buffer_start:
+                              min(end, self._received) - self._buffer_start]
+        left = self._first.expand(*self._first.shape[:-1], max(0, -begin))
+        right = self._buffer[..., -1:].expand(*self._buffer.shape[:-1], max(0, end - self._received))
+        window = torch.cat([left, window, right], dim=-1)
+        shape = window.shape[:-1]
+        kernel = self._resample.kernel.to(window)
+        out = torch.nn.functional.conv1d(window.reshape(-1, 1, window.shape[-1]), kernel, stride=self.old)
+        out = out.transpose(1, 2).reshape(*shape, -1)
+        emitted = self._step * self.new
+        self._step = steps
+        if final_length is not None:
+            out = out[..., :max(0, final_length - emitted)]
+        keep = steps * self.old - self.width  # the next step's first input sample
+        if keep > self._buffer_start:
+            self._buffer = self._buffer[..., keep - self._buffer_start:]
+            self._buffer_start = keep
+        return out

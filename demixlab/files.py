@@ -31,6 +31,29 @@ def atomic_path(path: tp.Union[str, Path]) -> tp.Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_paths(paths: tp.Sequence[tp.Union[str, Path]]) -> tp.Iterator[tp.List[Path]]:
+    """:func:`atomic_path` for several files written together: temporary paths next to each;
+    all are renamed onto their targets only if the block succeeds, otherwise all are removed
+    (a failure midway leaves none of the new files behind)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+def check_writable_folder(folder: tp.Union[str, Path], what: str) -> None:
+    """Create `folder` if needed and check that a file can be written in it; otherwise raise a
+    one-line :class:`DemixError` starting with `what` (e.g. `-o out/`)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".demixlab-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise DemixError(f"{what}: cannot write in the folder {folder} ({reason})") from None
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,11 +1,16 @@
 """`demixlab separate --repo DIR -n NAME TRACK [TRACK ...]`: separate tracks with a model or bag.
 
-Tracks are separated one after the other;
-`--jobs N` separates N chunks of a track in parallel threads (memory grows with N chunks of
-activations, not with the track). A track that cannot be read or separated is reported in one
-line and skipped; the others are still written, and the exit code is then non-zero.
+Tracks are separated one after the other, each read and written block by block
+(:meth:`~demixlab.separation.Separator.separate_stream`, :class:`~demixlab.separation.output.StemFiles`):
+memory does not grow with a track's length, and a track's stems appear only once all are
+complete. `--jobs N` separates N chunks of a track in parallel threads (memory grows with N chunks
+of activations, not with the track). An output folder that cannot be written is an error before
+any separation. A track that cannot be read, separated or written is reported in one line and
+skipped (none of its stems is left behind); the others are still written, and the exit code is
+then non-zero.
 """
 import argparse
+import contextlib
 import sys
 import typing as tp
 from pathlib import Path
@@ -13,10 +18,12 @@ from pathlib import Path
 import tqdm
 import yaml
 
-from ..audio import load_audio_file, write_audio
+from ..audio import AudioReader
 from ..errors import EXIT_USER_ERROR, DemixError, exit_on_user_error
+from ..files import check_writable_folder
 from ..separation import Separator
-from ..separation.output import CLIP_MODES, prevent_clip, select_stems
+from ..separation.onnx_backend import BACKENDS
+from ..separation.output import CLIP_MODES, StemFiles, select_stems
 
 HELP = "separate tracks with a model or bag of a repository"
 
@@ -33,6 +40,9 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
                         help="output path under --out; keys {track} (input name without extension), {trackext}, "
                              "{stem}, {ext}, {name} (default: {track}/{stem}.{ext})")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: CUDA when available (default)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="run the networks in torch (default) or onnxruntime (CPU; needs the ONNX export "
+                             "NAME.onnx made by `demixlab export ... --onnx`)")
     parser.add_argument("--segment", type=float, default=None,
                         help="seconds per chunk (default: the bag's, else the model file's, else 30)")
     parser.add_argument("--overlap", type=float, default=0.25, help="chunk overlap fraction (default: 0.25)")
@@ -86,27 +96,26 @@ def run(args: argparse.Namespace) -> None:
         raise DemixError(f"--shifts must be >= 0, got {args.shifts}")
     if args.segment is not None and args.segment <= 0:
         raise DemixError(f"--segment must be a positive number of seconds, got {args.segment}")
-    separator = Separator(args.repo, args.name, device=args.device, segment=args.segment, split=not args.no_split,
+    device = "cpu" if args.backend == "onnxruntime" and args.device == "auto" else args.device
+    separator = Separator(args.repo, args.name, device=device, segment=args.segment, split=not args.no_split,
                           overlap=args.overlap, shifts=args.shifts, jobs=args.jobs, progress=not args.no_progress,
-                          seed=args.seed, overrides=parse_options(args.option))
+                          seed=args.seed, overrides=parse_options(args.option), backend=args.backend)
     wanted = [stem.strip() for stem in args.stems.split(",") if stem.strip()] if args.stems else None
     for stem in ([args.two_stems] if args.two_stems else []) + (wanted or []):
         if stem not in separator.sources:
             raise DemixError(f"unknown stem {stem!r} for {args.name}: choose among {', '.join(separator.sources)}")
     _check_template(args.filename)
+    check_writable_folder(args.out, f"-o {args.out}")
+    names = ([args.two_stems, f"no_{args.two_stems}"] if args.two_stems else wanted or separator.sources)
 
     failures = 0
     for track in tqdm.tqdm(args.tracks, desc="tracks", unit="track", disable=args.no_progress or len(args.tracks) < 2):
         try:
-            mixture, samplerate = load_audio_file(track)
-            stems = separator.separate_tensor(mixture, samplerate)
-            stems = select_stems(stems, mixture, args.two_stems, wanted)
-            for stem, wav in stems.items():
-                target = args.out / args.filename.format(track=track.stem, trackext=track.name, stem=stem, ext=ext,
-                                                         name=args.name)
-                write_audio(target, prevent_clip(wav, args.clip_mode), samplerate, subtype=subtype)
-            tqdm.tqdm.write(f"{track}: {len(stems)} stems written to {args.out / track.stem}"
-                            if args.filename.startswith("{track}/") else f"{track}: {len(stems)} stems written",
+            targets = {stem: args.out / args.filename.format(track=track.stem, trackext=track.name, stem=stem, ext=ext,
+                                                             name=args.name) for stem in names}
+            _separate_track(separator, track, targets, args, subtype, wanted)
+            tqdm.tqdm.write(f"{track}: {len(targets)} stems written to {args.out / track.stem}"
+                            if args.filename.startswith("{track}/") else f"{track}: {len(targets)} stems written",
                             file=sys.stderr)
         except DemixError as error:
             failures += 1
@@ -114,6 +123,41 @@ def run(args: argparse.Namespace) -> None:
     if failures:
         print(f"demixlab: {failures} of {len(args.tracks)} track(s) failed", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+def _separate_track(separator: Separator, track: Path, targets: tp.Dict[str, Path], args: argparse.Namespace,
+                    subtype: str, wanted: tp.Optional[tp.List[str]]) -> None:
+    """Read, separate and write one track block by block; a failure leaves no stem and no new folder."""
+    with AudioReader(track) as reader:  # an unreadable track fails before any folder is made
+        folders = sorted({target.parent for target in targets.values()})
+        created = sorted({folder for path in folders for folder in (path, *path.parents) if not folder.exists()},
+                         key=lambda folder: len(folder.parts), reverse=True)
+        try:
+            for folder in folders:
+                check_writable_folder(folder, f"{track}: output folder")
+            _write_stems(separator, reader, targets, args, subtype, wanted)
+        except BaseException:
+            for folder in created:  # deepest first; only the empty ones we made
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+
+
+def _write_stems(separator: Separator, reader: AudioReader, targets: tp.Dict[str, Path], args: argparse.Namespace,
+                 subtype: str, wanted: tp.Optional[tp.List[str]]) -> None:
+    track = reader.path
+    with StemFiles(targets, reader.samplerate, subtype, args.clip_mode) as files:
+        total = reader.frames / reader.samplerate if reader.frames else None
+        shape = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]" if total else "{desc}: {n:.0f} s [{elapsed}]"
+        with tqdm.tqdm(total=total, unit="s", desc=track.name, leave=False, disable=args.no_progress,
+                       bar_format=shape) as bar:
+            def blocks() -> tp.Iterator:
+                for block in reader:
+                    bar.update(block.shape[-1] / reader.samplerate)
+                    yield block
+
+            for mixture, stems in separator.separate_stream(blocks(), reader.samplerate):
+                files.write(select_stems(stems, mixture, args.two_stems, wanted))
 
 
 def _check_template(template: str) -> None:

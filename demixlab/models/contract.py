@@ -36,6 +36,17 @@ def check_model_io(sources: tp.Sequence[str], samplerate: int, audio_channels: i
     require(audio_channels >= 1, f"audio_channels must be at least 1, got {audio_channels}")
 
 
+@dataclass
+class NetworkAxes:
+    """Names and dynamic axes ({axis: label}) of a model's network inputs and outputs, in order.
+
+    Labels shared between tensors are the same size (e.g. "batch", "frames"); every other axis is
+    fixed by the model's options."""
+
+    inputs: tp.Dict[str, tp.Dict[int, str]]
+    outputs: tp.Dict[str, tp.Dict[int, str]]
+
+
 class SeparationModel(nn.Module):
     """Base class of every family's model: a (B, C, T) mixture in, (B, S, C, T) stems out.
 
@@ -55,6 +66,13 @@ class SeparationModel(nn.Module):
     - :attr:`chunk_seconds`: seconds per chunk when separating long signals (stored in model files).
     - :meth:`parameter_groups`: named parameter groups with their own learning rate or weight
       decay (`optim.groups.NAME.*` overrides them).
+    - :meth:`network_inputs`, :meth:`run_network`, :meth:`network_outputs`: `forward` split into the
+      pre-processing (STFT, sliCQT...), the neural network and the post-processing (Wiener EM,
+      masking, inverse transforms), so that the network alone can run in another runtime (ONNX);
+      :meth:`network_axes` names the network's tensors and their dynamic axes. The default split
+      is the whole `forward` as the network. For every model,
+      `network_outputs(run_network(*network_inputs(x)[0].values()), network_inputs(x)[1], x)` is
+      `forward(x)`.
     """
 
     def __init__(self, sources: tp.Sequence[str], samplerate: int, audio_channels: int):
@@ -80,6 +98,27 @@ class SeparationModel(nn.Module):
     def parameter_groups(self) -> tp.Dict[str, ParameterGroup]:
         """Named optimizer groups besides the default one (default: none)."""
         return {}
+
+    def network_inputs(self, mixture: torch.Tensor) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Any]:
+        """The pre-processing of `forward`: ({name: real tensor} for :meth:`run_network`, in order, and
+        a context for :meth:`network_outputs`). Default: the mixture itself, no context."""
+        return {"mixture": mixture}, None
+
+    def run_network(self, *inputs: torch.Tensor) -> tp.Tuple[torch.Tensor, ...]:
+        """The neural network of `forward` (what an ONNX export holds): real tensors in, a tuple of
+        real tensors out. Default: `forward` on the mixture."""
+        return (self(inputs[0]),)
+
+    def network_outputs(self, outputs: tp.Sequence[torch.Tensor], context: tp.Any,
+                        mixture: torch.Tensor) -> torch.Tensor:
+        """The post-processing of `forward`: the network's outputs (and the context of
+        :meth:`network_inputs`) -> (B, S, C, T) stems. Default: the network's only output."""
+        return outputs[0]
+
+    def network_axes(self) -> NetworkAxes:
+        """The dynamic axes of the network's inputs and outputs, {name: {axis: label}}, outputs in
+        the order :meth:`network` returns them. Default: batch and time of the mixture and stems."""
+        return NetworkAxes(inputs={"mixture": {0: "batch", 2: "time"}}, outputs={"stems": {0: "batch", 3: "time"}})
 
 
 @dataclass

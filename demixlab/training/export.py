@@ -18,6 +18,7 @@ import torch
 from ..errors import DemixError
 from ..experiment import default_dora_dir, parse_signature
 from ..files import atomic_path
+from ..release.compression import prune_state
 from ..release.model_file import load_package, model_from_package, package_model
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint
 from .finetune import merge_adapters
@@ -36,8 +37,9 @@ def find_xp_folder(signature: str, dora_dir: tp.Optional[Path] = None) -> Path:
 
 
 def export(signature: tp.Any, out: Path, sign: bool = False, half: bool = False,
-           dora_dir: tp.Optional[Path] = None) -> Path:
-    """Write the model file of one XP and return its path."""
+           dora_dir: tp.Optional[Path] = None, prune: tp.Optional[float] = None) -> Path:
+    """Write the model file of one XP and return its path (`prune`: the fraction of smallest
+    weights zeroed, see :func:`demixlab.release.compression.prune_state`)."""
     signature = parse_signature(signature, "SIG")
     folder = find_xp_folder(signature, dora_dir)
     checkpoint_path = folder / CHECKPOINT_NAME
@@ -48,13 +50,15 @@ def export(signature: tp.Any, out: Path, sign: bool = False, half: bool = False,
         logger.warning("experiment %s has not finished training (%d epochs so far): exporting its best "
                        "weights so far", signature, len(checkpoint.get("history") or []))
     state = merge_adapters(checkpoint.get("best_state") or checkpoint["model"])
+    if prune:
+        state = prune_state(state, prune)
     history = checkpoint.get("history") or []
     metrics = history[-1] if history else None
     package = package_model(
         checkpoint["family"], checkpoint["model_options"], state, sources=checkpoint["sources"],
         samplerate=checkpoint["samplerate"], audio_channels=checkpoint["audio_channels"],
         config=checkpoint.get("config"), signature=signature, metrics=metrics,
-        origin={"kind": "xp", "folder": str(folder.resolve())}, half=half)
+        origin={"kind": "xp", "folder": str(folder.resolve()), **({"prune": prune} if prune else {})}, half=half)
     model = model_from_package(package)  # checks that the weights fit the model they describe
     package["state"] = {key: package["state"][key] for key in model.state_dict()}  # the family's key order
     package["segment"] = model.chunk_seconds

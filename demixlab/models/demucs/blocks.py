@@ -143,7 +143,8 @@ class LocalState(nn.Module):
             penalties = -rates.view(-1, 1, 1) * distance / self.ndecay ** 0.5  # (ndecay, t, s)
             decay = torch.sigmoid(self.query_decay(x).view(batch, heads, -1, length)) / 2
             logits = logits + torch.einsum("fts,bhfs->bhts", penalties, decay)
-        logits = logits.masked_fill(torch.eye(length, device=x.device, dtype=torch.bool), -100)
+        steps = torch.arange(length, device=x.device)  # the diagonal, written so that ONNX runtimes have
+        logits = logits.masked_fill(steps[:, None] == steps[None, :], -100)  # the op (no bool EyeLike)
         weights = torch.softmax(logits, dim=2)
         content = self.content(x).view(batch, heads, -1, length)
         attended = torch.einsum("bhts,bhct->bhcs", weights, content).reshape(batch, -1, length)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...spectral import wiener
-from ..contract import SeparationModel, require
+from ..contract import NetworkAxes, SeparationModel, require
 from ..losses import Objective, build_waveform_objective
 from .blocks import BandSplit, DecoderLayer, EncoderLayer, ScaledEmbedding, pad1d, rescale_module
 
@@ -325,22 +325,68 @@ class HybridUNet(SeparationModel):
                   out_length: tp.Optional[int] = None) -> torch.Tensor:
         """The whole hybrid pass on (B, C, T) -> (B, S, C, out_length or T); `bottom` maps the
         deepest encoder activations (x, xt) to the decoders' starting point."""
-        length = mix.shape[-1] if out_length is None else out_length
-        z = self._spec(mix)
-        x, mean, std = _normalize(self._magnitude(z).to(mix.device), (1, 2, 3))
-        xt, meant, stdt = _normalize(mix, (1, 2)) if self.hybrid else (None, None, None)
+        inputs, z = self._inputs(mix)
+        outputs = self._network(*inputs.values(), bottom=bottom, length=out_length)
+        return self._outputs(outputs, z, mix.shape[-1] if out_length is None else out_length)
+
+    def network_inputs(self, mixture: torch.Tensor) -> tp.Tuple[tp.Dict[str, torch.Tensor], torch.Tensor]:
+        """The spectral branch's input (CaC channels or magnitudes) and, hybrid, the waveform;
+        the complex STFT as context."""
+        return self._inputs(mixture)
+
+    def _inputs(self, mixture: torch.Tensor) -> tp.Tuple[tp.Dict[str, torch.Tensor], torch.Tensor]:
+        z = self._spec(mixture)
+        inputs = {"spectrum": self._magnitude(z).to(mixture.device)}
+        if self.hybrid:
+            inputs["mixture"] = mixture
+        return inputs, z
+
+    def run_network(self, *inputs: torch.Tensor) -> tp.Tuple[torch.Tensor, ...]:
+        """Both U-Net branches: (spectral output (B, S, C', F, frames), and hybrid the time
+        branch's waveforms (B, S, C, T))."""
+        return self._network(*inputs, bottom=self._bottom)
+
+    def network_outputs(self, outputs: tp.Sequence[torch.Tensor], context: torch.Tensor,
+                        mixture: torch.Tensor) -> torch.Tensor:
+        """Masking or Wiener filtering of the STFT (`context`), the inverse STFT, plus the time branch."""
+        return self._outputs(outputs, context, mixture.shape[-1])
+
+    def network_axes(self) -> NetworkAxes:
+        """Batch, frames and time of the branches' inputs and outputs."""
+        inputs = {"spectrum": {0: "batch", 3: "frames"}}
+        outputs = {"spectral": {0: "batch", 4: "frames"}}
+        if self.hybrid:
+            inputs["mixture"] = {0: "batch", 2: "time"}
+            outputs["waveform"] = {0: "batch", 3: "time"}
+        return NetworkAxes(inputs=inputs, outputs=outputs)
+
+    def _bottom(self, x: torch.Tensor, xt: tp.Optional[torch.Tensor]
+                ) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+        """Where the decoders start: zeros (the signal goes through the U-Net skips)."""
+        return torch.zeros_like(x), torch.zeros_like(x) if self.hybrid else None
+
+    def _network(self, x: torch.Tensor, mix: tp.Optional[torch.Tensor] = None, *,
+                 bottom: tp.Callable[[torch.Tensor, tp.Optional[torch.Tensor]],
+                                     tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]],
+                 length: tp.Optional[int] = None) -> tp.Tuple[torch.Tensor, ...]:
+        x, mean, std = _normalize(x, (1, 2, 3))
+        xt, meant, stdt = _normalize(mix, (1, 2)) if self.hybrid and mix is not None else (None, None, None)
         batch, _, bins, frames = x.shape
         x, xt, skips = self._encode(x, xt)
         x, xt = bottom(x, xt)
         x, xt = self._decode(x, xt, skips)
-
         num_sources = len(self.sources)
         x = x.view(batch, num_sources, -1, bins, frames) * std[:, None] + mean[:, None]
-        out = self._ispec(self._mask(z, x), length)
+        if not self.hybrid:
+            return (x,)
+        assert xt is not None and stdt is not None and meant is not None and mix is not None
+        xt = xt.view(batch, num_sources, -1, mix.shape[-1] if length is None else length)
+        return x, xt * stdt[:, None] + meant[:, None]
+
+    def _outputs(self, outputs: tp.Sequence[torch.Tensor], z: torch.Tensor, length: int) -> torch.Tensor:
+        out = self._ispec(self._mask(z, outputs[0]), length)
         if self.hybrid:
-            assert xt is not None and stdt is not None and meant is not None
-            xt = xt.view(batch, num_sources, -1, length) * stdt[:, None] + meant[:, None]
-            out = xt + out
+            out = outputs[1] + out
         return out
 
 
@@ -439,7 +485,7 @@ class HDemucs(HybridUNet):
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         """Separate (B, C, T) -> (B, S, C, T)."""
         # The branches start decoding from zeros: the signal goes through the U-Net skips.
-        return self._run(mix, lambda x, xt: (torch.zeros_like(x), torch.zeros_like(x) if self.hybrid else None))
+        return self._run(mix, self._bottom)
 
 
 # ---------------------------------------------------------------------------------- family

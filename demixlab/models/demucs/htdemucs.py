@@ -154,6 +154,20 @@ class HTDemucs(HybridUNet):
             xt = self.channel_downsampler_t(xt)
         return x, xt
 
+    def network_inputs(self, mixture: torch.Tensor) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Any]:
+        """The hybrid network's inputs of the mixture padded to the training segment (in eval mode
+        with `use_train_segment`); the STFT and the padded length as context."""
+        if not self.training and self.use_train_segment:
+            mixture = F.pad(mixture, (0, self.valid_length(mixture.shape[-1]) - mixture.shape[-1]))
+        inputs, z = self._inputs(mixture)
+        return inputs, (z, mixture.shape[-1])
+
+    def network_outputs(self, outputs: tp.Sequence[torch.Tensor], context: tp.Any,
+                        mixture: torch.Tensor) -> torch.Tensor:
+        """As HDemucs', cropped back to the mixture's length."""
+        z, padded = context
+        return self._outputs(outputs, z, padded)[..., :mixture.shape[-1]]
+
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         """Separate (B, C, T) -> (B, S, C, T)."""
         length = mix.shape[-1]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...errors import DemixError
 from ...spectral import STFT, bandwidth_to_max_bin, wiener
-from ..contract import SeparationModel, require
+from ..contract import NetworkAxes, SeparationModel, require
 from ..losses import Objective, parse_source_weights
 
 logger = logging.getLogger(__name__)
@@ -186,17 +186,35 @@ class UMX(SeparationModel):
 
     def forward(self, mixture: torch.Tensor, for_loss: bool = False) -> torch.Tensor:
         """Separate (B, C, T) -> (B, S, C, T); with `for_loss`, magnitudes (B, S, C, F, N)."""
-        mix_stft = self.stft(mixture)
-        mix_magnitude = mix_stft.abs()
-        estimates = self.target_magnitudes(mix_magnitude)
+        inputs, mix_stft = self.network_inputs(mixture)
+        estimates, = self.run_network(*inputs.values())
         if for_loss:
             if self.residual:
-                rest = (mix_magnitude - estimates.sum(dim=1)).abs()
+                rest = (inputs["magnitude"] - estimates.sum(dim=1)).abs()
                 estimates = torch.cat([estimates, rest.unsqueeze(1)], dim=1)
             return estimates
-        source_stfts = wiener(estimates, mix_stft, self.wiener_iterations, softmask=self.softmask,
+        return self.network_outputs((estimates,), mix_stft, mixture)
+
+    def network_inputs(self, mixture: torch.Tensor) -> tp.Tuple[tp.Dict[str, torch.Tensor], torch.Tensor]:
+        """The mixture STFT's magnitude (B, C, F, N) for the networks; the complex STFT as context."""
+        mix_stft = self.stft(mixture)
+        return {"magnitude": mix_stft.abs()}, mix_stft
+
+    def run_network(self, *inputs: torch.Tensor) -> tp.Tuple[torch.Tensor, ...]:
+        """The target networks: mixture magnitude -> (B, S', C, F, N) magnitude estimates."""
+        return (self.target_magnitudes(inputs[0]),)
+
+    def network_outputs(self, outputs: tp.Sequence[torch.Tensor], context: torch.Tensor,
+                        mixture: torch.Tensor) -> torch.Tensor:
+        """The multichannel Wiener filter on the mixture STFT (`context`), then the inverse STFT."""
+        source_stfts = wiener(outputs[0], context, self.wiener_iterations, softmask=self.softmask,
                               residual=self.residual, window=self.wiener_window)
         return self.stft.inverse(source_stfts, length=mixture.shape[-1])
+
+    def network_axes(self) -> NetworkAxes:
+        """Batch and frames of the magnitudes in and out."""
+        return NetworkAxes(inputs={"magnitude": {0: "batch", 3: "frames"}},
+                           outputs={"estimates": {0: "batch", 4: "frames"}})
 
 
 def build_umx_objective(model: UMX, *, source_weights: tp.Optional[tp.Dict[str, float]] = None) -> Objective:

@@ -44,10 +44,23 @@ class RotaryEmbedding(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
             angles = torch.repeat_interleave(positions[:, None] * self.freqs.float()[None, :], 2, dim=-1)
-            pairs = x.float().unflatten(-1, (-1, 2))
-            rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+            pairs = x.float().reshape(*x.shape[:-1], int(x.shape[-1]) // 2, 2)  # see MaskEstimator
+            rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=x.dim()).reshape(x.shape)
             out = x.float() * angles.cos() + rotated_half * angles.sin()
         return out.to(x.dtype)
+
+
+def _split_heads(x: torch.Tensor, *groups: int) -> torch.Tensor:
+    """(..., prod(groups) * D) -> (..., *groups, D), with D a constant (static shapes trace to ONNX)."""
+    size = int(x.shape[-1])
+    for group in groups:
+        size //= group
+    return x.reshape(*x.shape[:-1], *groups, size)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, H, D) -> (B, N, H * D), with H * D a constant (see :func:`_split_heads`)."""
+    return x.reshape(x.shape[0], x.shape[1], int(x.shape[2]) * int(x.shape[3]))
 
 
 class FeedForward(nn.Module):
@@ -90,13 +103,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         # (B, N, 3 * H * D) -> 3 x (B, H, N, D)
-        query, key, value = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        query, key, value = _split_heads(self.to_qkv(x), 3, self.heads).permute(2, 0, 3, 1, 4)
         if self.rotary_embed is not None:
             query, key = self.rotary_embed.rotate(query), self.rotary_embed.rotate(key)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
         if self.to_gates is not None:
             out = out * self.to_gates(x).transpose(1, 2).unsqueeze(-1).sigmoid()
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        return self.to_out(_merge_heads(out.transpose(1, 2)))
 
 
 class LinearAttention(nn.Module):
@@ -120,12 +133,12 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         # (B, N, 3 * H * D) -> 3 x (B, H, D, N): channels are the "sequence", positions the features
-        query, key, value = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 4, 1)
+        query, key, value = _split_heads(self.to_qkv(x), 3, self.heads).permute(2, 0, 3, 4, 1)
         query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
         query = query * self.temperature.exp()
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0,
                                              scale=self.scale)
-        return self.to_out(out.permute(0, 3, 1, 2).flatten(2))
+        return self.to_out(_merge_heads(out.permute(0, 3, 1, 2)))
 
 
 class Transformer(nn.Module):
@@ -199,6 +212,13 @@ def mlp(dim_in: int, dim_out: int, hidden: int, hidden_layers: int) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
+class LastAxisGLU(nn.Module):
+    """`nn.GLU(dim=-1)` with the axis given as a positive number (see :class:`MaskEstimator`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.glu(x, dim=x.dim() - 1)
+
+
 class MaskEstimator(nn.Module):
     """Per band, an MLP then a GLU: (B, T, bands, dim) -> (B, T, sum of widths), one source's mask.
 
@@ -212,7 +232,9 @@ class MaskEstimator(nn.Module):
     def __init__(self, dim: int, widths: tp.Sequence[int], hidden_layers: int = 1, expansion: int = 4):
         super().__init__()
         self.to_freqs = nn.ModuleList([nn.Sequential(mlp(dim, 2 * width, dim * expansion, hidden_layers),
-                                                     nn.GLU(dim=-1)) for width in widths])
+                                                     LastAxisGLU()) for width in widths])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([estimate(band) for band, estimate in zip(x.unbind(dim=-2), self.to_freqs)], dim=-1)
+        # Positive axes here, explicit shapes instead of unflatten/flatten elsewhere: torch's ONNX
+        # tracer resolves some axes against the wrong rank (it concatenates or reshapes wrongly).
+        return torch.cat([estimate(band) for band, estimate in zip(x.unbind(dim=2), self.to_freqs)], dim=2)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ...errors import DemixError
 from ...spectral.mel import mel_filter_bank
-from ..contract import SeparationModel, require
+from ..contract import NetworkAxes, SeparationModel, require
 from ..losses import Objective, parse_source_weights
 from .blocks import BandSplit, MaskEstimator, RMSNorm, RotaryEmbedding, Transformer, run_block
 
@@ -158,6 +158,12 @@ class BandSplitRoformer(SeparationModel):
     # ------------------------------------------------------------------------------- network
     def forward(self, mixture: torch.Tensor) -> torch.Tensor:
         """Separate (B, C, T) -> (B, S, C, T)."""
+        inputs, context = self.network_inputs(mixture)
+        return self.network_outputs(self.run_network(*inputs.values()), context, mixture)
+
+    def network_inputs(self, mixture: torch.Tensor) -> tp.Tuple[tp.Dict[str, torch.Tensor], torch.Tensor]:
+        """The band-split input (B, N, features): real and imaginary parts of the STFT bins the
+        bands read, per frame; the complex spectra (B, F * C, N) as context."""
         if mixture.dim() != 3 or mixture.shape[1] != self.audio_channels:
             raise DemixError(f"expected a mixture of shape (batch, {self.audio_channels}, time), "
                              f"got {tuple(mixture.shape)}")
@@ -165,17 +171,30 @@ class BandSplitRoformer(SeparationModel):
         shortest = self.n_fft // 2 + 1  # the STFT's reflection padding needs more samples than half a window
         if length < shortest:
             mixture = F.pad(mixture, (0, shortest - length))
-        batch, channels = mixture.shape[:2]
+        batch = mixture.shape[0]
         spectra = self.stft(mixture)  # (B, C, F, N)
         frames = spectra.shape[-1]
         # (B, C, F, N) -> (B, F * C, N): bins major, channels interleaved
         spectra = spectra.transpose(1, 2).reshape(batch, -1, frames)
         features = spectra if self.contiguous else spectra[:, self.freq_indices]
         x = torch.view_as_real(features).permute(0, 2, 1, 3).reshape(batch, frames, -1)  # (B, N, features)
-        x = self.band_split(x.to(self.band_split.to_features[0][1].weight.dtype))
+        return {"features": x}, spectra
+
+    def run_network(self, *inputs: torch.Tensor) -> tp.Tuple[torch.Tensor, ...]:
+        """Band split, the transformer blocks and the mask estimators: (B, S, N, features) masks
+        (real and imaginary parts interleaved)."""
+        x = self.band_split(inputs[0].to(self.band_split.to_features[0][1].weight.dtype))
         x = self._blocks(x)
-        masks = torch.stack([estimate(x) for estimate in self.mask_estimators], dim=1)  # (B, S, N, features)
-        masks = torch.view_as_complex(masks.float().unflatten(-1, (-1, 2)).contiguous()).transpose(2, 3)
+        return (torch.stack([estimate(x) for estimate in self.mask_estimators], dim=1),)
+
+    def network_outputs(self, outputs: tp.Sequence[torch.Tensor], context: torch.Tensor,
+                        mixture: torch.Tensor) -> torch.Tensor:
+        """Complex masks (averaged over overlapping bands) times the spectra (`context`), the
+        inverse STFT, and the residual source."""
+        spectra = context
+        batch, channels, length = mixture.shape
+        frames = spectra.shape[-1]
+        masks = torch.view_as_complex(outputs[0].float().unflatten(-1, (-1, 2)).contiguous()).transpose(2, 3)
         if not self.contiguous:  # average the masks of overlapping bands per bin
             summed = masks.new_zeros(*masks.shape[:2], spectra.shape[1], frames)
             masks = summed.index_add_(2, self.freq_indices, masks) / self.bands_per_bin[:, None]
@@ -183,11 +202,16 @@ class BandSplitRoformer(SeparationModel):
         estimates = estimates.reshape(batch, len(self.mask_estimators), -1, channels, frames).transpose(2, 3)
         if self.zero_dc:
             estimates = torch.cat([torch.zeros_like(estimates[..., :1, :]), estimates[..., 1:, :]], dim=-2)
-        waveforms = self.istft(estimates, mixture.shape[-1])[..., :length].to(mixture.dtype)
+        padded = max(length, self.n_fft // 2 + 1)
+        waveforms = self.istft(estimates, padded)[..., :length].to(mixture.dtype)
         if self.residual:
-            rest = mixture[..., :length] - waveforms.sum(dim=1)
+            rest = mixture - waveforms.sum(dim=1)
             waveforms = torch.cat([waveforms, rest.unsqueeze(1)], dim=1)
         return waveforms
+
+    def network_axes(self) -> NetworkAxes:
+        """Batch and frames of the features and masks."""
+        return NetworkAxes(inputs={"features": {0: "batch", 1: "frames"}}, outputs={"masks": {0: "batch", 2: "frames"}})
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, bands, dim) through every block (time then band attention), then the final norm."""

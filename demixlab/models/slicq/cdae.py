@@ -27,7 +27,7 @@ from ...errors import DemixError
 from ...files import atomic_path
 from ...spectral import wiener
 from ...spectral.slicqt import SliCQT, flatten_slices, unflatten_slices
-from ..contract import SeparationModel, require
+from ..contract import NetworkAxes, SeparationModel, require
 from ..losses import (Objective, combination_loss, non_negative, parse_source_weights, source_subsets,
                       subset_sums, subset_weights)
 from .blocks import SliCQMaskNetwork
@@ -115,18 +115,43 @@ class SliCQCDAE(SeparationModel):
         if mixture.dim() != 3 or mixture.shape[1] != self.audio_channels:
             raise DemixError(f"expected a mixture of shape (batch, {self.audio_channels}, time), "
                              f"got {tuple(mixture.shape)}")
+        inputs, (blocks, magnitudes) = self.network_inputs(mixture)
+        masks = list(self.run_network(*inputs.values()))
+        estimates = self.estimate(blocks, magnitudes, masks)
+        if for_loss:
+            return estimates, masks
+        with _full_precision(mixture):
+            return self.transform.inverse(estimates, mixture.shape[-1]).to(mixture.dtype)
+
+    def network_inputs(self, mixture: torch.Tensor) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Any]:
+        """The sliCQT magnitudes `magnitude_<b>` (B, C, F_b, N, T_b) of every block b; the complex
+        blocks and the magnitudes as context."""
         length = mixture.shape[-1]
         if length < self.min_length:
             raise DemixError(f"audio too short for the slicq_cdae model: {length} samples, need at least "
                              f"{self.min_length} ({self.network.min_slices()} slices of the sliCQT)")
         blocks = self.analyse(mixture)
         magnitudes = [block.abs() for block in blocks]
-        masks = self.network(magnitudes)
-        estimates = self.estimate(blocks, magnitudes, masks)
-        if for_loss:
-            return estimates, masks
+        return {f"magnitude_{index}": magnitude for index, magnitude in enumerate(magnitudes)}, (blocks, magnitudes)
+
+    def run_network(self, *magnitudes: torch.Tensor) -> tp.Tuple[torch.Tensor, ...]:
+        """The mask network: one (B, S, C, F_b, N, T_b) mask per block."""
+        return tuple(self.network(list(magnitudes)))
+
+    def network_outputs(self, outputs: tp.Sequence[torch.Tensor], context: tp.Any,
+                        mixture: torch.Tensor) -> torch.Tensor:
+        """Masks times the mixture, the Wiener-EM step (offline) or the mixture phase (realtime),
+        and the inverse sliCQT."""
+        blocks, magnitudes = context
+        estimates = self.estimate(blocks, magnitudes, list(outputs))
         with _full_precision(mixture):
-            return self.transform.inverse(estimates, length).to(mixture.dtype)
+            return self.transform.inverse(estimates, mixture.shape[-1]).to(mixture.dtype)
+
+    def network_axes(self) -> NetworkAxes:
+        """Batch and slices of every block's magnitude and mask."""
+        count = len(self.network.block_shapes)
+        return NetworkAxes(inputs={f"magnitude_{index}": {0: "batch", 3: "slices"} for index in range(count)},
+                           outputs={f"mask_{index}": {0: "batch", 4: "slices"} for index in range(count)})
 
     def estimate(self, blocks: tp.Sequence[torch.Tensor], magnitudes: tp.Sequence[torch.Tensor],
                  masks: tp.Sequence[torch.Tensor]) -> tp.List[torch.Tensor]:
