@@ -45,6 +45,7 @@ setup(
         # They install with --no-deps from tests/requirements-reference.txt (see README); einops
         # is what demucs needs beyond our own requirements, librosa and packaging what the RoFormer
         # references need.
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],  # demixlab export --onnx/--quantize, separate --backend onnxruntime
         "test": ["pytest", "scipy", "einops", "onnx", "onnxruntime", "onnxscript", "librosa==0.11.0", "packaging"],
     },
 )
