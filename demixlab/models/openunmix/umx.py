@@ -12,6 +12,7 @@ mixture minus the other sources (see :class:`UMX`).
 """
 import logging
 import typing as tp
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -275,14 +276,22 @@ class UMXStreamer(ModelStreamer):
         return torch.cat([last, self.synthesis.finish(self.length)], dim=-1)
 
     def _separate(self, mix_stft: torch.Tensor) -> torch.Tensor:
+        """The stem samples that the next STFT frames (B, C, F, m) complete."""
+        # oneDNN's LSTM re-packs the weights on every call: ~7 ms per layer for the one or two frames of
+        # a block, against about one for ATen's own kernels (torch warns about TF32 on every switch).
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            with torch.backends.mkldnn.flags(enabled=False):
+                return self._separate_frames(mix_stft)
+
+    def _separate_frames(self, mix_stft: torch.Tensor) -> torch.Tensor:
         model = self.model
-        with torch.inference_mode():
-            if mix_stft.shape[-1] == 0:
-                stems = mix_stft.new_zeros(mix_stft.shape[0], len(model.sources), *mix_stft.shape[1:])
-            else:
-                magnitudes, self.states = model.streamed_magnitudes(mix_stft.abs(), self.states)
-                stems = wiener(magnitudes, mix_stft, 0, softmask=model.softmask, residual=model.residual)
-            return self.synthesis.push(stems)
+        if mix_stft.shape[-1] == 0:
+            stems = mix_stft.new_zeros(mix_stft.shape[0], len(model.sources), *mix_stft.shape[1:])
+        else:
+            magnitudes, self.states = model.streamed_magnitudes(mix_stft.abs(), self.states)
+            stems = wiener(magnitudes, mix_stft, 0, softmask=model.softmask, residual=model.residual)
+        return self.synthesis.push(stems)
 
 
 def build_umx_objective(model: UMX, *, source_weights: tp.Optional[tp.Dict[str, float]] = None) -> Objective:
