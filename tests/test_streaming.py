@@ -128,7 +128,7 @@ def test_the_command_writes_what_the_in_memory_path_writes(repo, track, tmp_path
     resampled = tmp_path / "song48k.flac"
     wav, _ = load_audio_file(track)
     sf.write(resampled, julius.resample_frac(wav, 44100, 48000).numpy().T, 48000, subtype="PCM_24")
-    cases = ((track, ["--float32"], None, "wav", "float32"),
+    cases = ((track, ["--float32", "--batch-chunks", "3"], None, "wav", "float32"),  # batching: the same stems
              (resampled, ["--two-stems", "vocals", "--flac", "--int24"], "vocals", "flac", "int24"),
              (track, ["--stems", "bass", "--clip-mode", "clamp"], None, "wav", "int16"))
     for path, extra, two_stems, ext, subtype in cases:
