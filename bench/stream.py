@@ -9,7 +9,8 @@ callback would. Printed per family:
 
 - latency: the model's declared lookahead (samples, ms): how late every stem sample is;
 - with a block: the latency plus the block's own duration (a sample waits for its block to fill);
-- real-time factor: separation time / audio duration (below 1: keeps up);
+- real-time factor: separation time / audio duration (below 1: keeps up), in wall time and in
+  this process's CPU time (less sensitive to a shared machine's load);
 - the slowest block's time next to a block's duration (above it: a real-time callback would drop).
 
 Families that declare no lookahead are listed as not streamable.
@@ -51,7 +52,7 @@ def main() -> None:
     print(f"blocks of {args.block} samples ({1000 * args.block / RATE:.1f} ms) at {RATE} Hz, {args.seconds:g} s per "
           f"family, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} at start")
-    print(f"{'family':8} {'parameters':>10} {'latency':>16} {'with a block':>13} {'real-time factor':>17} "
+    print(f"{'family':8} {'parameters':>10} {'latency':>16} {'with a block':>13} {'RTF wall':>9} {'RTF CPU':>8} "
           f"{'median / slowest block':>23}")
     noise = 0.1 * torch.randn(2, int(args.seconds * RATE), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory(prefix="demixlab-stream-") as tmp:
@@ -65,16 +66,18 @@ def main() -> None:
                                        audio_channels=2), Path(tmp) / f"{family}.th")
             live = Separator(tmp, family).stream()
             times = []
+            cpu = time.process_time()
             for start in range(0, noise.shape[-1], args.block):
                 begin = time.perf_counter()
                 live.push(noise[:, start:start + args.block])
                 times.append(time.perf_counter() - begin)
             live.flush()
+            cpu = time.process_time() - cpu
             latency_ms = 1000 * live.latency / RATE
             block_ms = 1000 * args.block / RATE
             parameters = sum(parameter.numel() for parameter in model.parameters())
             print(f"{family:8} {parameters / 1e6:9.1f}M {live.latency:6d} = {latency_ms:5.1f} ms "
-                  f"{latency_ms + block_ms:10.1f} ms {sum(times) / args.seconds:17.3f} "
+                  f"{latency_ms + block_ms:10.1f} ms {sum(times) / args.seconds:9.3f} {cpu / args.seconds:8.3f} "
                   f"{1000 * statistics.median(times):8.1f} / {1000 * max(times):6.1f} ms", flush=True)
 
 
