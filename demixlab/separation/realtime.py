@@ -43,8 +43,7 @@ class StreamingSeparator:
                                  "see README: Streaming)")
             lookaheads.append(int(lookahead))
             self._members.append((member, member.model.eval().streamer()))
-        self.latency = max(lookaheads)
-        """Samples between a sample of input and the same sample of the stems."""
+        self.latency = max(lookaheads)  # samples between a sample of input and the same sample of the stems
         self._ready: tp.List[tp.Deque[torch.Tensor]] = [collections.deque() for _ in self._members]
         self._produced = [0] * len(self._members)
         self._combined = 0  # stem samples combined so far

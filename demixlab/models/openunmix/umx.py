@@ -211,7 +211,7 @@ class UMX(SeparationModel):
         """`n_fft - 1` samples (the STFT frames) with a unidirectional LSTM and a frame-local
         filter (`wiener_iterations=0`); None otherwise (a bidirectional LSTM or EM over a window
         of frames needs the future)."""
-        causal = self.targets and not next(iter(self.targets.values())).lstm.bidirectional
+        causal = all(not target.lstm.bidirectional for target in self.targets.values())
         return self.stft.n_fft - 1 if causal and self.wiener_iterations == 0 else None
 
     def streamer(self) -> "UMXStreamer":
