@@ -4,10 +4,10 @@ Tracks are separated one after the other, each read and written block by block
 (:meth:`~demixlab.separation.Separator.separate_stream`, :class:`~demixlab.separation.output.StemFiles`):
 memory does not grow with a track's length, and a track's stems appear only once all are
 complete. `--batch-chunks N` stacks N chunks into one forward pass and `--jobs N` runs batches in
-parallel threads (memory grows with the chunks in flight, not with the track). An output folder that cannot be written is an error before
-any separation. A track that cannot be read, separated or written is reported in one line and
-skipped (none of its stems is left behind); the others are still written, and the exit code is
-then non-zero.
+parallel threads (memory grows with the chunks in flight, not with the track). An output folder
+that cannot be written is an error before any separation. A track that cannot be read, separated
+or written is reported in one line and skipped (none of its stems is left behind); the others are
+still written, and the exit code is then non-zero.
 """
 import argparse
 import contextlib

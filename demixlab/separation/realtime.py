@@ -56,11 +56,12 @@ class StreamingSeparator:
         """Separate the next block (C, n) or (B, C, n); return {stem: n samples}, `latency` late."""
         if self.finished:
             raise DemixError("the stream was flushed: start a new one with Separator.stream()")
-        if block.dim() not in (2, 3) or (self._shape is not None and (block.dim(), tuple(block.shape[:-1])) != self._shape):
+        shape = (block.dim(), tuple(block.shape[:-1]))
+        if block.dim() not in (2, 3) or (self._shape is not None and shape != self._shape):
             raise DemixError(f"expected consecutive (channels, time) or (batch, channels, time) blocks of one shape, "
                              f"got {tuple(block.shape)}")
         first = self._shape is None
-        self._shape = (block.dim(), tuple(block.shape[:-1]))
+        self._shape = shape
         mixture = convert_channels((block if block.dim() == 3 else block[None]).float(), self.bag.audio_channels)
         for index, (_, streamer) in enumerate(self._members):
             self._collect(index, streamer.push(mixture))
