@@ -64,7 +64,8 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
                         help="batches of chunks separated in parallel threads (default: 1)")
     parser.add_argument("--batch-chunks", type=int, default=DEFAULT_BATCH_CHUNKS, metavar="N",
                         help="chunks stacked into one forward pass: the same stems in fewer, larger passes "
-                             f"(pays off on GPUs), more memory (default: {DEFAULT_BATCH_CHUNKS})")
+                             "(faster for HTDemucs with several threads), more memory "
+                             f"(default: {DEFAULT_BATCH_CHUNKS})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model option stored in the model file, e.g. wiener_iterations=0 for "
                              "UMX/X-UMX (repeatable; VALUE is read as YAML)")

@@ -45,8 +45,8 @@ class Separator:
             (`NAME.onnx` next to `NAME.th`, see :mod:`demixlab.release.onnx_export`); the rest of
             the model (STFT, Wiener EM...) and the chunking stay the same.
         jobs: batches of chunks separated in parallel threads.
-        batch_chunks: chunks stacked into one forward pass (the same stems in fewer, larger passes,
-            which pays off on GPUs; memory grows with it).
+        batch_chunks: chunks stacked into one forward pass (the same stems in fewer, larger passes:
+            faster for HTDemucs on 2 threads, see README; memory grows with it).
         progress: show progress bars (stderr).
     """
 
