@@ -1,6 +1,6 @@
 """Separation time and peak memory: demixlab against the reference implementations, side by side.
 
-    python bench/separate_vs_reference.py [--seconds 60] [--models htdemucs,umx]
+    python bench/separate_vs_reference.py [--seconds 60] [--models htdemucs,umx] [--repeats 3] [--threads 1]
 
 The same random weights separate the same stereo track (`--seconds` long, 44.1 kHz):
 
@@ -13,6 +13,13 @@ The same random weights separate the same stereo track (`--seconds` long, 44.1 k
   script does, imported with `demixlab import openunmix`. Reference: openunmix `Separator`
   (niter=1, whole track); demixlab: the same whole track (`split=False`) and its default
   (30 s chunks).
+- the batched configuration (`--batch-chunks`): htdemucs with every chunk of the track in one
+  forward pass; umx in 7.5 s chunks, 4 per pass (a different chunking: its difference to the
+  reference is that of shorter LSTM contexts, not of the batching).
+
+With `--repeats N` the rows run in N interleaved rounds (reference, ours, reference, ...) and
+the median time is printed (the machine may be shared: medians of interleaved runs, and the
+process CPU time next to the wall time).
 
 Every run happens in a fresh process: the time is the separation call alone (model loaded,
 audio read), the memory is that process's peak resident set (VmHWM), next to its resident set
@@ -23,6 +30,8 @@ packages are test oracles (install: see tests/).
 """
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +47,9 @@ if str(ROOT) not in sys.path:
 SOURCES = ["drums", "bass", "other", "vocals"]
 RATE = 44100
 HTDEMUCS_RELEASED = dict(bottom_channels=512, dconv_mode=3, segment=Fraction(39, 5))
+# The batched configuration of each model (Separator options).
+BATCHED: tp.Dict[str, tp.Dict[str, tp.Any]] = {"htdemucs": dict(batch_chunks=16),
+                                               "umx": dict(segment=7.5, batch_chunks=4)}
 
 
 def _memory_mb(field: str) -> float:
@@ -118,23 +130,32 @@ def work(folder: Path, model: str, impl: str) -> tp.Dict[str, tp.Any]:
     else:
         from demixlab.separation import Separator
 
-        ours = Separator(folder / "repo", model, device="cpu", split=impl != "demixlab-nosplit")
+        options: tp.Dict[str, tp.Any] = {}
+        if impl == "demixlab-batch":
+            options = BATCHED[model]
+        ours = Separator(folder / "repo", model, device="cpu", split=impl != "demixlab-nosplit", **options)
 
         def run() -> torch.Tensor:
             stems = ours.separate_tensor(mixture, RATE)
             return torch.stack([stems[source] for source in SOURCES])
     rss_before = _memory_mb("VmRSS")
+    cpu_begin = time.process_time()
     begin = time.perf_counter()
     out = run()
     elapsed = time.perf_counter() - begin
+    cpu = time.process_time() - cpu_begin
     peak = _memory_mb("VmHWM")
     np.save(folder / f"out_{model}_{impl}.npy", out.float().numpy())
-    return {"model": model, "impl": impl, "seconds": elapsed, "rss_before_mb": rss_before, "peak_rss_mb": peak}
+    return {"model": model, "impl": impl, "seconds": elapsed, "cpu_seconds": cpu, "rss_before_mb": rss_before,
+            "peak_rss_mb": peak}
 
 
-def _run_worker(folder: Path, model: str, impl: str) -> tp.Dict[str, tp.Any]:
+def _run_worker(folder: Path, model: str, impl: str, threads: tp.Optional[int]) -> tp.Dict[str, tp.Any]:
     command = [sys.executable, __file__, "--worker", model, impl, "--folder", str(folder)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{model}/{impl} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -161,6 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--models", default="htdemucs,umx")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the median time is printed")
+    parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the workers (default: torch's)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,34 +191,42 @@ def main() -> None:
         print(json.dumps(work(args.folder, *args.worker)))
         return
     models = [name.strip() for name in args.models.split(",") if name.strip()]
-    import os
-
     import torch
 
     with tempfile.TemporaryDirectory(prefix="demixlab-bench-") as tmp:
         folder = Path(tmp)
         prepare(folder, args.seconds, models)
-        print(f"{args.seconds:g} s stereo track at {RATE} Hz, CPU, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
-        print(f"{'model':9} {'implementation':32} {'time [s]':>9} {'RSS before [MB]':>16} {'peak RSS [MB]':>14} "
-              f"{'max rel. diff':>14} {'(before tail)':>14}")
+        threads = args.threads or torch.get_num_threads()
+        print(f"{args.seconds:g} s stereo track at {RATE} Hz, CPU, torch {torch.__version__}, {threads} threads, "
+              f"load average {os.getloadavg()[0]:.1f} at start, median of {args.repeats} interleaved run(s)")
+        print(f"{'model':9} {'implementation':36} {'time [s]':>9} {'CPU [s]':>8} {'x ref':>6} {'RSS before [MB]':>16} "
+              f"{'peak RSS [MB]':>14} {'max rel. diff':>14} {'(before tail)':>14}")
         plans = {"htdemucs": [("reference", "demucs apply_model split, ov 0.25"),
-                              ("demixlab", "demixlab Separator split, ov 0.25")],
+                              ("demixlab", "demixlab Separator split, ov 0.25"),
+                              ("demixlab-batch", "demixlab --batch-chunks 16")],
                  "umx": [("reference", "openunmix Separator niter=1"),
                          ("demixlab-nosplit", "demixlab Separator --no-split"),
-                         ("demixlab", "demixlab Separator (30 s chunks)")]}
+                         ("demixlab", "demixlab Separator (30 s chunks)"),
+                         ("demixlab-batch", "demixlab --segment 7.5 --batch-chunks 4")]}
         for model in models:
+            rows: tp.Dict[str, tp.List[tp.Dict[str, tp.Any]]] = {impl: [] for impl, _ in plans[model]}
+            for _ in range(args.repeats):  # interleaved: every implementation sees the same load
+                for impl, _ in plans[model]:
+                    rows[impl].append(_run_worker(folder, model, impl, args.threads))
+            reference = statistics.median(row["seconds"] for row in rows["reference"])
             for impl, label in plans[model]:
-                row = _run_worker(folder, model, impl)
+                seconds = statistics.median(row["seconds"] for row in rows[impl])
+                cpu = statistics.median(row["cpu_seconds"] for row in rows[impl])
+                last = rows[impl][-1]
                 diff = before_tail = "-"
                 if impl != "reference":
                     diff = f"{_relative_difference(folder, model, impl):.2e}"
                 if impl != "reference" and model == "htdemucs":
                     tail = _demucs_tail_start(int(args.seconds * RATE), int(HTDEMUCS_RELEASED["segment"] * RATE))
                     before_tail = f"{_relative_difference(folder, model, impl, tail):.2e}"
-                print(f"{model:9} {label:32} {row['seconds']:9.2f} {row['rss_before_mb']:16.0f} "
-                      f"{row['peak_rss_mb']:14.0f} {diff:>14} {before_tail:>14}", flush=True)
-
+                print(f"{model:9} {label:36} {seconds:9.2f} {cpu:8.2f} {seconds / reference:6.2f} "
+                      f"{last['rss_before_mb']:16.0f} {last['peak_rss_mb']:14.0f} {diff:>14} {before_tail:>14}",
+                      flush=True)
 
 if __name__ == "__main__":
     main()

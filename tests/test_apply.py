@@ -61,3 +61,44 @@ def test_parallel_chunk_jobs_give_the_same_result_with_the_same_chunks():
     assert sorted(parallel.seen) == sorted(sequential.seen)
     with pytest.raises(DemixError, match="jobs must be at least 1"):
         apply_model(GainModel(), mixture, segment=300, jobs=0)
+
+
+class BatchedGainModel(GainModel):
+    """GainModel that also records the batch size of every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, mixture):
+        self.batches.append(mixture.shape[0])
+        return super().forward(mixture) * torch.linspace(0.5, 1.5, mixture.shape[-1])  # position-dependent
+
+
+@pytest.mark.parametrize("batch_chunks,jobs", [(2, 1), (3, 1), (4, 2), (100, 1)])
+def test_batched_chunks_are_bit_identical_to_one_chunk_at_a_time(batch_chunks, jobs):
+    mixture = torch.randn(2, 2, 5000, generator=torch.Generator().manual_seed(2))
+    single, batched = BatchedGainModel(), BatchedGainModel()
+    expected = apply_model(single, mixture, segment=300, overlap=0.25, shifts=2,
+                           generator=torch.Generator().manual_seed(5))
+    out = apply_model(batched, mixture, segment=300, overlap=0.25, shifts=2, jobs=jobs, batch_chunks=batch_chunks,
+                      generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, expected)
+    chunks = len(single.batches)  # per shift pass: ceil(chunks / batch_chunks) passes of up to N chunks
+    assert set(single.batches) == {2} and sum(batched.batches) == 2 * chunks
+    assert max(batched.batches) == 2 * min(batch_chunks, chunks // 2) and len(batched.batches) < chunks
+    with pytest.raises(DemixError, match="batch_chunks must be a positive number of chunks, got 0"):
+        apply_model(GainModel(), mixture, segment=300, batch_chunks=0)
+
+
+def test_batched_chunks_of_a_trained_family_match_within_float_rounding():
+    from demixlab.models import get_family
+
+    torch.manual_seed(0)
+    model = get_family("umx").build_model(["a", "b"], 8000, 2, dict(n_fft=256, hop_length=64, hidden_size=16,
+                                                                    nb_layers=2, bandwidth=3000.0)).eval()
+    mixture = torch.randn(1, 2, 8000, generator=torch.Generator().manual_seed(0))
+    expected = apply_model(model, mixture, segment=1000, overlap=0.25)
+    out = apply_model(model, mixture, segment=1000, overlap=0.25, batch_chunks=4)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    assert not out.is_inference() and not apply_model(model, mixture).is_inference()  # callers may scale in place

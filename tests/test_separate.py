@@ -154,6 +154,7 @@ def test_user_errors_are_one_line(repo, track, tmp_path, capsys):
         (["--repo", str(repo), "-n", "tiny", str(track), "--stems", "bass,guitar"], "unknown stem 'guitar'"),
         (["--repo", str(repo), "-n", "tiny", str(track), "--filename", "{song}.{ext}"], "bad template"),
         (["--repo", str(repo), "-n", "tiny", str(track), "--segment", "0"], "--segment must be a positive"),
+        (["--repo", str(repo), "-n", "tiny", str(track), "--batch-chunks", "0"], "--batch-chunks must be at least 1"),
         (["--repo", str(repo), "-n", "tiny", str(track), "--stems", "bass", "--two-stems", "bass"],
          "cannot be combined"),
         (["--repo", str(repo), "-n", "tiny", str(tmp_path / "absent.wav"), "-o", str(tmp_path / "o")],
@@ -176,8 +177,12 @@ def test_a_model_with_a_maximum_segment_runs_in_chunks_of_its_file_segment(tmp_p
     model = get_family("htdemucs").build_model(SOURCES, 44100, 2, options)
     save_package(package_model("htdemucs", options, model.state_dict(), sources=SOURCES, samplerate=44100,
                                audio_channels=2, segment=0.2), tmp_path / "ht.th")
-    stems = Separator(tmp_path, "ht").separate_tensor(torch.randn(2, 20000), 44100)
+    wav = torch.randn(2, 20000)
+    stems = Separator(tmp_path, "ht").separate_tensor(wav, 44100)
     assert stems["vocals"].shape == (2, 20000) and stems["vocals"].abs().max() > 0
+    batched = Separator(tmp_path, "ht", batch_chunks=3).separate_tensor(wav, 44100)  # no example interaction
+    for source in SOURCES:
+        torch.testing.assert_close(batched[source], stems[source], rtol=0, atol=1e-5 * float(stems[source].abs().max()))
     with pytest.raises(DemixError, match="HTDemucs separates at most its training segment"):
         Separator(tmp_path, "ht", segment=0.4).separate_tensor(torch.randn(2, 20000), 44100)
 

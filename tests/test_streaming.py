@@ -68,13 +68,18 @@ def _bag(*members) -> Bag:
 
 @pytest.mark.parametrize("length", [1, 57, 1000, 2345])
 @pytest.mark.parametrize("options", [dict(segment=1.0), dict(segment=0.5, overlap=0.5, shifts=3),
-                                     dict(segment=3.0, overlap=0.0, jobs=3), dict(split=False, shifts=2)])
+                                     dict(segment=3.0, overlap=0.0, jobs=3), dict(split=False, shifts=2),
+                                     dict(segment=0.5, shifts=2, batch_chunks=3),
+                                     dict(segment=0.4, overlap=0.5, jobs=2, batch_chunks=2)])
 def test_the_streamed_bag_is_the_in_memory_bag(length, options):
     mixture = torch.randn(2, 2, length, generator=torch.Generator().manual_seed(length))
     bag = _bag((Warp(7), [1.0, 1.0, 0.0]), (Warp(60, ("b", "c")), [0.0, 2.0, 1.0]))
     expected = apply_bag(bag, mixture, generator=torch.Generator().manual_seed(3), **options)
     streamed = list(stream_bag(bag, _blocks(mixture), generator=torch.Generator().manual_seed(3), **options))
     assert torch.equal(torch.cat(streamed, dim=-1), expected)
+    if "batch_chunks" in options:  # Warp does not mix examples: batching changes no bit
+        unbatched = {key: value for key, value in options.items() if key != "batch_chunks"}
+        assert torch.equal(apply_bag(bag, mixture, generator=torch.Generator().manual_seed(3), **unbatched), expected)
     single = _bag((Warp(0), [1.0, 2.0]))  # the bag's sources are the model's: the estimate is scaled in place
     expected = apply_bag(single, mixture, generator=torch.Generator().manual_seed(3), **options)
     streamed = list(stream_bag(single, _blocks(mixture), generator=torch.Generator().manual_seed(3), **options))
@@ -104,7 +109,7 @@ def test_stems_follow_the_input_with_a_lag_that_does_not_grow_with_its_length():
 
 @pytest.mark.parametrize("samplerate,channels,options", [
     (44100, 2, dict(segment=0.2)), (48000, 2, dict(segment=0.3, shifts=2)), (22050, 1, dict(split=False)),
-    (44100, 6, dict(segment=0.25, jobs=2))])
+    (44100, 6, dict(segment=0.25, jobs=2)), (48000, 2, dict(segment=0.1, batch_chunks=4))])
 def test_separate_stream_gives_the_stems_of_separate_tensor(repo, samplerate, channels, options):  # noqa: F811
     separator = Separator(repo, "tiny", **options)
     wav = 0.3 * torch.randn(channels, 23456, generator=torch.Generator().manual_seed(channels))
@@ -123,7 +128,7 @@ def test_the_command_writes_what_the_in_memory_path_writes(repo, track, tmp_path
     resampled = tmp_path / "song48k.flac"
     wav, _ = load_audio_file(track)
     sf.write(resampled, julius.resample_frac(wav, 44100, 48000).numpy().T, 48000, subtype="PCM_24")
-    cases = ((track, ["--float32"], None, "wav", "float32"),
+    cases = ((track, ["--float32", "--batch-chunks", "3"], None, "wav", "float32"),  # batching: the same stems
              (resampled, ["--two-stems", "vocals", "--flac", "--int24"], "vocals", "flac", "int24"),
              (track, ["--stems", "bass", "--clip-mode", "clamp"], None, "wav", "int16"))
     for path, extra, two_stems, ext, subtype in cases:

@@ -3,11 +3,11 @@
 Tracks are separated one after the other, each read and written block by block
 (:meth:`~demixlab.separation.Separator.separate_stream`, :class:`~demixlab.separation.output.StemFiles`):
 memory does not grow with a track's length, and a track's stems appear only once all are
-complete. `--jobs N` separates N chunks of a track in parallel threads (memory grows with N chunks
-of activations, not with the track). An output folder that cannot be written is an error before
-any separation. A track that cannot be read, separated or written is reported in one line and
-skipped (none of its stems is left behind); the others are still written, and the exit code is
-then non-zero.
+complete. `--batch-chunks N` stacks N chunks into one forward pass and `--jobs N` runs batches in
+parallel threads (memory grows with the chunks in flight, not with the track). An output folder
+that cannot be written is an error before any separation. A track that cannot be read, separated
+or written is reported in one line and skipped (none of its stems is left behind); the others are
+still written, and the exit code is then non-zero.
 """
 import argparse
 import contextlib
@@ -22,6 +22,7 @@ from ..audio import AudioReader
 from ..errors import EXIT_USER_ERROR, DemixError, exit_on_user_error
 from ..files import check_writable_folder
 from ..separation import Separator
+from ..separation.chunking import DEFAULT_BATCH_CHUNKS
 from ..separation.onnx_backend import BACKENDS
 from ..separation.output import CLIP_MODES, StemFiles, select_stems
 
@@ -59,7 +60,12 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
     parser.add_argument("--clip-mode", choices=CLIP_MODES, default="rescale",
                         help="avoid clipping: rescale a stem whose peak exceeds 1, clamp it, or none "
                              "(default: rescale)")
-    parser.add_argument("--jobs", type=int, default=1, help="chunks separated in parallel threads (default: 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="batches of chunks separated in parallel threads (default: 1)")
+    parser.add_argument("--batch-chunks", type=int, default=DEFAULT_BATCH_CHUNKS, metavar="N",
+                        help="chunks stacked into one forward pass: the same stems in fewer, larger passes "
+                             "(faster for HTDemucs with several threads), more memory "
+                             f"(default: {DEFAULT_BATCH_CHUNKS})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model option stored in the model file, e.g. wiener_iterations=0 for "
                              "UMX/X-UMX (repeatable; VALUE is read as YAML)")
@@ -94,12 +100,15 @@ def run(args: argparse.Namespace) -> None:
         raise DemixError(f"--jobs must be at least 1, got {args.jobs}")
     if args.shifts < 0:
         raise DemixError(f"--shifts must be >= 0, got {args.shifts}")
+    if args.batch_chunks < 1:
+        raise DemixError(f"--batch-chunks must be at least 1, got {args.batch_chunks}")
     if args.segment is not None and args.segment <= 0:
         raise DemixError(f"--segment must be a positive number of seconds, got {args.segment}")
     device = "cpu" if args.backend == "onnxruntime" and args.device == "auto" else args.device
     separator = Separator(args.repo, args.name, device=device, segment=args.segment, split=not args.no_split,
                           overlap=args.overlap, shifts=args.shifts, jobs=args.jobs, progress=not args.no_progress,
-                          seed=args.seed, overrides=parse_options(args.option), backend=args.backend)
+                          seed=args.seed, overrides=parse_options(args.option), backend=args.backend,
+                          batch_chunks=args.batch_chunks)
     wanted = [stem.strip() for stem in args.stems.split(",") if stem.strip()] if args.stems else None
     for stem in ([args.two_stems] if args.two_stems else []) + (wanted or []):
         if stem not in separator.sources:

@@ -7,8 +7,8 @@ with its importers of other implementations' weights. Imports only :mod:`demixla
 the base modules (errors, files). Importing this package registers every built-in family.
 """
 from . import demucs, openunmix, roformer, slicq  # each registers its families
-from .contract import ImportedModel, NetworkAxes, SeparationModel
+from .contract import ImportedModel, ModelStreamer, NetworkAxes, SeparationModel
 from .registry import Family, family_names, get_family, get_importer, import_formats, register_family
 
-__all__ = ["Family", "ImportedModel", "NetworkAxes", "SeparationModel", "demucs", "family_names", "get_family", "get_importer",
+__all__ = ["Family", "ImportedModel", "ModelStreamer", "NetworkAxes", "SeparationModel", "demucs", "family_names", "get_family", "get_importer",
            "import_formats", "openunmix", "register_family", "roformer", "slicq"]

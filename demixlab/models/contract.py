@@ -66,6 +66,9 @@ class SeparationModel(nn.Module):
     - :attr:`chunk_seconds`: seconds per chunk when separating long signals (stored in model files).
     - :meth:`parameter_groups`: named parameter groups with their own learning rate or weight
       decay (`optim.groups.NAME.*` overrides them).
+    - :attr:`lookahead` and :meth:`streamer`: a model whose output at a sample depends on the input
+      up to `lookahead` samples later only (a causal model; framing included) separates a live
+      stream block by block (:class:`ModelStreamer`). Default: None, not streamable.
     - :meth:`network_inputs`, :meth:`run_network`, :meth:`network_outputs`: `forward` split into the
       pre-processing (STFT, sliCQT...), the neural network and the post-processing (Wiener EM,
       masking, inverse transforms), so that the network alone can run in another runtime (ONNX);
@@ -95,6 +98,16 @@ class SeparationModel(nn.Module):
         """Seconds per chunk when separating a long signal, or None to let the caller choose."""
         return None
 
+    @property
+    def lookahead(self) -> tp.Optional[int]:
+        """Samples of input after an output sample that it depends on, for a model that can separate
+        a stream (:meth:`streamer`); None (the default): it needs whole chunks, it cannot stream."""
+        return None
+
+    def streamer(self) -> "ModelStreamer":
+        """A fresh :class:`ModelStreamer` for one stream (only for a model with a `lookahead`)."""
+        raise DemixError(f"{type(self).__name__} declares no lookahead: it cannot separate a stream")
+
     def parameter_groups(self) -> tp.Dict[str, ParameterGroup]:
         """Named optimizer groups besides the default one (default: none)."""
         return {}
@@ -119,6 +132,24 @@ class SeparationModel(nn.Module):
         """The dynamic axes of the network's inputs and outputs, {name: {axis: label}}, outputs in
         the order :meth:`network` returns them. Default: batch and time of the mixture and stems."""
         return NetworkAxes(inputs={"mixture": {0: "batch", 2: "time"}}, outputs={"stems": {0: "batch", 3: "time"}})
+
+
+class ModelStreamer:
+    """`forward` of a causal model on a signal that arrives in blocks (see
+    :attr:`SeparationModel.lookahead`).
+
+    :meth:`push` takes the next (B, C, n) block and returns the next (B, S, C, m) samples of the
+    stems that no later input changes; once `k` samples were pushed, at least `k - lookahead`
+    stem samples have been returned. :meth:`finish` returns the rest: `k` samples in all, those
+    of `forward` on the whole signal (within float rounding). A family's model subclasses it."""
+
+    def push(self, block: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every streamer overrides it
+        """Add a (B, C, n) block; return the stem samples it completes (B, S, C, m), m >= 0."""
+        raise NotImplementedError
+
+    def finish(self) -> torch.Tensor:  # pragma: no cover - every streamer overrides it
+        """The stem samples still due once the signal ended (B, S, C, m)."""
+        raise NotImplementedError
 
 
 @dataclass

@@ -17,12 +17,13 @@ DEFAULT_SEGMENT = 30.0
 
 def apply_bag(bag: Bag, mixture: torch.Tensor, *, segment: tp.Optional[float] = None, split: bool = True,
               overlap: float = 0.25, shifts: int = 0, jobs: int = 1, progress: bool = False,
-              generator: tp.Optional[torch.Generator] = None) -> torch.Tensor:
+              generator: tp.Optional[torch.Generator] = None, batch_chunks: int = 1) -> torch.Tensor:
     """Separate a (B, C, T) mixture at the bag's rate and channels into (B, S, C, T).
 
     Each model runs in chunks of `segment` seconds (default: the bag's `segment`, else the
     model file's, else :data:`DEFAULT_SEGMENT`); `split=False` runs whole signals at once.
     Models are built on first use, on the device of those already built (the CPU if none is).
+    `batch_chunks` chunks run stacked in one forward pass (see :func:`~.chunking.apply_model`).
     """
     bag.build(_tensor_device(bag.members))
     output: tp.Optional[torch.Tensor] = None
@@ -36,7 +37,7 @@ def apply_bag(bag: Bag, mixture: torch.Tensor, *, segment: tp.Optional[float] = 
         # floor, like models that cannot exceed their segment (HTDemucs) count it
         frames = int(float(seconds) * bag.samplerate) if split else None
         estimate = apply_model(member.model, mixture, segment=frames, overlap=overlap, shifts=shifts,
-                               generator=generator, progress=progress, jobs=jobs)
+                               generator=generator, progress=progress, jobs=jobs, batch_chunks=batch_chunks)
         member_sources = list(member.package["sources"])
         if output is None and member_sources == bag.sources:  # reuse the estimate: one track-sized buffer
             output = estimate.mul_(torch.tensor(member.weights, dtype=estimate.dtype)[:, None, None])

@@ -6,6 +6,8 @@
     stems = separator.separate_tensor(wav, 48000)                # wav: (C, T) or (B, C, T)
     for mixture, stems in separator.separate_stream(blocks, 44100):  # blocks: (C, n) tensors
         ...                                                      # aligned blocks, bounded memory
+    live = separator.stream()                  # causal models only, at the model's rate
+    stems = live.push(block)                   # {"drums": (C, n)...}, live.latency samples late
 
 Input of any sample rate and channel count is converted to the model's (julius resampling) and
 the stems are converted back: same sample rate and length as the input, and the input's channel
@@ -21,7 +23,9 @@ from ..audio import BlockResampler, convert_audio, convert_channels, load_audio_
 from ..errors import DemixError
 from ..release.repository import Bag, Repository
 from .bags import apply_bag
+from .chunking import DEFAULT_BATCH_CHUNKS, check_batch_chunks
 from .onnx_backend import BACKENDS, OnnxRuntimeModel
+from .realtime import StreamingSeparator
 from .streaming import stream_bag, take_samples
 
 
@@ -40,20 +44,23 @@ class Separator:
         backend: `torch`, or `onnxruntime` to run each model's network from its ONNX export
             (`NAME.onnx` next to `NAME.th`, see :mod:`demixlab.release.onnx_export`); the rest of
             the model (STFT, Wiener EM...) and the chunking stay the same.
-        jobs: chunks separated in parallel threads.
+        jobs: batches of chunks separated in parallel threads.
+        batch_chunks: chunks stacked into one forward pass (the same stems in fewer, larger passes:
+            faster for HTDemucs on 2 threads, see README; memory grows with it).
         progress: show progress bars (stderr).
     """
 
     def __init__(self, repo: tp.Union[str, Path], name: str, *, device: str = "cpu",
                  segment: tp.Optional[float] = None, split: bool = True, overlap: float = 0.25, shifts: int = 0,
                  overrides: tp.Optional[tp.Mapping[str, tp.Any]] = None, jobs: int = 1, progress: bool = False,
-                 seed: int = 0, backend: str = "torch"):
+                 seed: int = 0, backend: str = "torch", batch_chunks: int = DEFAULT_BATCH_CHUNKS):
         if backend not in BACKENDS:
             raise DemixError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         if segment is not None and segment <= 0:
             raise DemixError(f"segment must be a positive number of seconds, got {segment}")
         if shifts < 0:
             raise DemixError(f"shifts must be >= 0, got {shifts}")
+        check_batch_chunks(batch_chunks)
         self.device = resolve_device(device)
         self.bag: Bag = Repository(repo).load(name, overrides=overrides).build(self.device)
         if backend == "onnxruntime":
@@ -67,6 +74,7 @@ class Separator:
         self.overlap = overlap
         self.shifts = shifts
         self.jobs = jobs
+        self.batch_chunks = batch_chunks
         self.progress = progress
         self.seed = seed
 
@@ -92,7 +100,8 @@ class Separator:
         converted = convert_audio(mixture.float(), samplerate, self.bag.samplerate, self.bag.audio_channels)
         generator = torch.Generator().manual_seed(self.seed)
         estimates = apply_bag(self.bag, converted, segment=self.segment, split=self.split, overlap=self.overlap,
-                              shifts=self.shifts, jobs=self.jobs, progress=self.progress, generator=generator)
+                              shifts=self.shifts, jobs=self.jobs, progress=self.progress, generator=generator,
+                              batch_chunks=self.batch_chunks)
         del converted
         stems = {}
         for index, source in enumerate(self.bag.sources):
@@ -162,7 +171,8 @@ class Separator:
 
         generator = torch.Generator().manual_seed(self.seed)
         for estimate in stream_bag(self.bag, model_blocks(), segment=self.segment, split=self.split,
-                                   overlap=self.overlap, shifts=self.shifts, jobs=self.jobs, generator=generator):
+                                   overlap=self.overlap, shifts=self.shifts, jobs=self.jobs, generator=generator,
+                                   batch_chunks=self.batch_chunks):
             state["estimate_shape"] = estimate.shape[:-1]
             pending.append(from_model.push(estimate))
             yield from ready(final=False)
@@ -170,6 +180,12 @@ class Separator:
         if rest.shape[-1]:
             pending.append(rest)
         yield from ready(final=True)
+
+    def stream(self) -> StreamingSeparator:
+        """A :class:`~demixlab.separation.realtime.StreamingSeparator` for one live stream at the
+        model's rate: blocks of any size in, the stems of each block out, `latency` samples late.
+        Only for causal models (a declared lookahead); others are a one-line error naming the family."""
+        return StreamingSeparator(self.bag)
 
     def separate_file(self, path: tp.Union[str, Path]) -> tp.Tuple[tp.Dict[str, torch.Tensor], int]:
         """Read an audio file (anything soundfile reads, else through ffmpeg when it is on PATH)

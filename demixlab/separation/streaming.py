@@ -18,7 +18,7 @@ from ..errors import DemixError
 from ..models import SeparationModel
 from ..release.repository import Bag
 from .bags import DEFAULT_SEGMENT
-from .chunking import _model_device
+from .chunking import _model_device, check_batch_chunks, run_batch
 
 
 class InputWindow:
@@ -75,8 +75,9 @@ class _Pass:
     """
 
     def __init__(self, model: SeparationModel, window: InputWindow, segment: tp.Optional[int], overlap: float,
-                 jobs: int, delta: int = 0, extra: int = 0, crop: int = 0):
+                 jobs: int, delta: int = 0, extra: int = 0, crop: int = 0, batch_chunks: int = 1):
         self.model = model
+        self.batch_chunks = batch_chunks
         self.window = window
         self.segment = segment
         self.overlap = overlap
@@ -105,10 +106,9 @@ class _Pass:
         start = offset - (target - chunk_length) // 2
         return self.window.read(start + self.delta, start + target + self.delta), offset - start
 
-    def _estimate(self, chunk: torch.Tensor, skip: int, chunk_length: int) -> torch.Tensor:
-        with torch.no_grad():
-            estimate = self.model(chunk.to(self.device))[..., skip:skip + chunk_length]
-        return estimate.to("cpu")
+    def _estimate(self, chunks: tp.Sequence[tp.Tuple[torch.Tensor, int, int]]) -> tp.List[torch.Tensor]:
+        """Estimates of (input, skip, length) chunks, run as one batch (see :func:`run_batch`)."""
+        return [estimate.to("cpu") for estimate in run_batch(self.model, chunks, self.device)]
 
     def run(self) -> tp.Iterator[torch.Tensor]:
         """Yield consecutive (B, S, C, n) blocks of the estimate of x, `len(x)` samples in all."""
@@ -118,7 +118,7 @@ class _Pass:
                 pass
             length = self._length()
             chunk, skip = self._chunk(0, length, length)
-            estimate = self._estimate(chunk, skip, length)
+            estimate, = self._estimate([(chunk, skip, length)])
             yield from self._emit(estimate.to(dtype=torch.promote_types(estimate.dtype, torch.float32)), 0)
             return
         stride = max(1, int((1 - self.overlap) * segment))
@@ -128,27 +128,37 @@ class _Pass:
         total_weight = torch.zeros(0)
         base = 0
         pool = ThreadPoolExecutor(self.jobs) if self.jobs > 1 else None
-        pending: tp.Deque[tp.Tuple[int, tp.Union[Future, torch.Tensor]]] = collections.deque()
+        # batches of chunks in flight: (their offsets, the future or list of their estimates)
+        pending: tp.Deque[tp.Tuple[tp.List[int], tp.Union[Future, tp.List[torch.Tensor]]]] = collections.deque()
+        ready: tp.Deque[tp.Tuple[int, torch.Tensor]] = collections.deque()  # estimates not yet blended
         offsets = itertools.count(0, stride)
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < self.jobs:
-                    offset = next(offsets)
-                    if not self._reaches(offset + 1):
-                        exhausted = True
+                while not exhausted and len(pending) < self.jobs and not ready:
+                    group: tp.List[int] = []
+                    chunks = []
+                    while len(group) < self.batch_chunks:
+                        offset = next(offsets)
+                        if not self._reaches(offset + 1):
+                            exhausted = True
+                            break
+                        chunk_length = segment if self._reaches(offset + segment) else self._length() - offset
+                        chunk, skip = self._chunk(offset, chunk_length, segment)
+                        self.needed_from = self._next_start(offset + stride, segment)
+                        group.append(offset)
+                        chunks.append((chunk, skip, chunk_length))
+                    if not group:
                         break
-                    chunk_length = segment if self._reaches(offset + segment) else self._length() - offset
-                    chunk, skip = self._chunk(offset, chunk_length, segment)
-                    self.needed_from = self._next_start(offset + stride, segment)
-                    job: tp.Union[Future, torch.Tensor] = (
-                        pool.submit(self._estimate, chunk, skip, chunk_length) if pool is not None
-                        else self._estimate(chunk, skip, chunk_length))
-                    pending.append((offset, job))
-                if not pending:
-                    break
-                offset, job = pending.popleft()
-                estimate = job.result() if isinstance(job, Future) else job
+                    job: tp.Union[Future, tp.List[torch.Tensor]] = (
+                        pool.submit(self._estimate, chunks) if pool is not None else self._estimate(chunks))
+                    pending.append((group, job))
+                if not ready:
+                    if not pending:
+                        break
+                    group, job = pending.popleft()
+                    ready.extend(zip(group, job.result() if isinstance(job, Future) else job))
+                offset, estimate = ready.popleft()
                 chunk_length = estimate.shape[-1]
                 if output is None:
                     dtype = torch.promote_types(estimate.dtype, torch.float32)
@@ -160,7 +170,8 @@ class _Pass:
                     total_weight = torch.cat([total_weight, total_weight.new_zeros(grow)])
                 output[..., offset - base:end] += weight[:chunk_length] * estimate
                 total_weight[offset - base:end] += weight[:chunk_length]
-                final = offset + stride if (pending or not exhausted) else base + output.shape[-1]
+                more = bool(ready or pending or not exhausted)
+                final = offset + stride if more else base + output.shape[-1]
                 final = min(final - base, output.shape[-1])
                 if final > 0:
                     yield from self._emit(output[..., :final] / total_weight[:final], base)
@@ -192,7 +203,7 @@ class _Pass:
 
 def stream_bag(bag: Bag, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optional[float] = None,
                split: bool = True, overlap: float = 0.25, shifts: int = 0, jobs: int = 1,
-               generator: tp.Optional[torch.Generator] = None) -> tp.Iterator[torch.Tensor]:
+               generator: tp.Optional[torch.Generator] = None, batch_chunks: int = 1) -> tp.Iterator[torch.Tensor]:
     """Separate a mixture given as (B, C, n) blocks at the bag's rate and channels; yield (B, S, C, m)
     blocks of the stems, in order, `T` samples in all (see the module docstring).
 
@@ -203,6 +214,7 @@ def stream_bag(bag: Bag, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optio
         raise DemixError(f"overlap must be in [0, 1), got {overlap}")
     if jobs < 1:
         raise DemixError(f"jobs must be at least 1, got {jobs}")
+    check_batch_chunks(batch_chunks)
     bag.build(_bag_device(bag))
     window = InputWindow(blocks)
     groups: tp.List[tp.Tuple[tp.Any, tp.List[_Pass]]] = []  # (member, its passes)
@@ -220,9 +232,9 @@ def stream_bag(bag: Bag, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optio
             for _ in range(shifts):  # drawn in apply_model's order
                 offset = int(torch.randint(max_shift + 1, (1,), generator=generator))
                 passes.append(_Pass(member.model, window, frames, overlap, jobs, delta=offset - max_shift,
-                                    extra=max_shift, crop=max_shift - offset))
+                                    extra=max_shift, crop=max_shift - offset, batch_chunks=batch_chunks))
         else:
-            passes = [_Pass(member.model, window, frames, overlap, jobs)]
+            passes = [_Pass(member.model, window, frames, overlap, jobs, batch_chunks=batch_chunks)]
         groups.append((member, passes))
     everything = [one for _, passes in groups for one in passes]
     runs = {id(one): one.run() for one in everything}

@@ -12,6 +12,7 @@ mixture minus the other sources (see :class:`UMX`).
 """
 import logging
 import typing as tp
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from torch import nn
 
 from ...errors import DemixError
 from ...spectral import STFT, bandwidth_to_max_bin, wiener
-from ..contract import NetworkAxes, SeparationModel, require
+from ...spectral.stft import StreamingISTFT, StreamingSTFT
+from ..contract import ModelStreamer, NetworkAxes, SeparationModel, require
 from ..losses import Objective, parse_source_weights
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,13 @@ class OpenUnmixTarget(nn.Module):
         the LSTM's output (the skip connection)."""
         recurrent, _ = self.lstm(features)
         return torch.cat([features, recurrent], dim=-1)
+
+    def temporal_step(self, features: torch.Tensor, state: tp.Optional[tp.Tuple[torch.Tensor, torch.Tensor]]
+                      ) -> tp.Tuple[torch.Tensor, tp.Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`temporal` of the next frames of a sequence, continuing from the LSTM `state` (None
+        at the start); returns the new state too. Only a unidirectional LSTM can continue."""
+        recurrent, state = self.lstm(features, state)
+        return torch.cat([features, recurrent], dim=-1), state
 
     def decode(self, features: torch.Tensor, mix_magnitude: torch.Tensor) -> torch.Tensor:
         """Features (B, N, 2 * hidden_size) -> target magnitude (B, C, F, N): fc2/bn2/relu and
@@ -184,6 +193,33 @@ class UMX(SeparationModel):
         """Mixture magnitude (B, C, F, N) -> the estimates of the networked sources (B, S', C, F, N)."""
         return torch.stack([target(mix_magnitude) for target in self.targets.values()], dim=1)
 
+    def streamed_magnitudes(self, mix_magnitude: torch.Tensor, states: tp.Optional[tp.List[tp.Any]]
+                            ) -> tp.Tuple[torch.Tensor, tp.List[tp.Any]]:
+        """:meth:`target_magnitudes` of the next frames of a stream, continuing every target's
+        LSTM from `states` (None at the start); returns the new states too."""
+        targets = list(self.targets.values())
+        states = states or [None] * len(targets)
+        outputs, new_states = [], []
+        for target, state in zip(targets, states):
+            features, state = target.temporal_step(target.encode(mix_magnitude), state)
+            outputs.append(target.decode(features, mix_magnitude))
+            new_states.append(state)
+        return torch.stack(outputs, dim=1), new_states
+
+    @property
+    def lookahead(self) -> tp.Optional[int]:
+        """`n_fft - 1` samples (the STFT frames) with a unidirectional LSTM and a frame-local
+        filter (`wiener_iterations=0`); None otherwise (a bidirectional LSTM or EM over a window
+        of frames needs the future)."""
+        causal = all(not target.lstm.bidirectional for target in self.targets.values())
+        return self.stft.n_fft - 1 if causal and self.wiener_iterations == 0 else None
+
+    def streamer(self) -> "UMXStreamer":
+        """Separate a stream frame by frame (see :class:`UMXStreamer`)."""
+        if self.lookahead is None:
+            return super().streamer()  # type: ignore[return-value]
+        return UMXStreamer(self)
+
     def forward(self, mixture: torch.Tensor, for_loss: bool = False) -> torch.Tensor:
         """Separate (B, C, T) -> (B, S, C, T); with `for_loss`, magnitudes (B, S, C, F, N)."""
         inputs, mix_stft = self.network_inputs(mixture)
@@ -215,6 +251,47 @@ class UMX(SeparationModel):
         """Batch and frames of the magnitudes in and out."""
         return NetworkAxes(inputs={"magnitude": {0: "batch", 3: "frames"}},
                            outputs={"estimates": {0: "batch", 4: "frames"}})
+
+
+class UMXStreamer(ModelStreamer):
+    """A causal UMX/X-UMX (see :attr:`UMX.lookahead`) on a stream: the STFT frames each block
+    completes run through the networks (the LSTMs carry their state), the frame-local filter and
+    the overlap-add of the inverse STFT, which returns the samples no later frame changes."""
+
+    def __init__(self, model: UMX):
+        self.model = model
+        self.analysis = StreamingSTFT(model.stft)
+        self.synthesis = StreamingISTFT(model.stft)
+        self.states: tp.Optional[tp.List[tp.Any]] = None
+        self.length = 0
+
+    def push(self, block: torch.Tensor) -> torch.Tensor:
+        """Add a (B, C, n) block; return the stem samples it completes (B, S, C, m)."""
+        self.length += block.shape[-1]
+        return self._separate(self.analysis.push(block))
+
+    def finish(self) -> torch.Tensor:
+        """The remaining stem samples (the end of the signal is reflected, as the STFT pads it)."""
+        last = self._separate(self.analysis.finish())
+        return torch.cat([last, self.synthesis.finish(self.length)], dim=-1)
+
+    def _separate(self, mix_stft: torch.Tensor) -> torch.Tensor:
+        """The stem samples that the next STFT frames (B, C, F, m) complete."""
+        # oneDNN's LSTM re-packs the weights on every call: ~7 ms per layer for the one or two frames of
+        # a block, against about one for ATen's own kernels (torch warns about TF32 on every switch).
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            with torch.backends.mkldnn.flags(enabled=False):
+                return self._separate_frames(mix_stft)
+
+    def _separate_frames(self, mix_stft: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        if mix_stft.shape[-1] == 0:
+            stems = mix_stft.new_zeros(mix_stft.shape[0], len(model.sources), *mix_stft.shape[1:])
+        else:
+            magnitudes, self.states = model.streamed_magnitudes(mix_stft.abs(), self.states)
+            stems = wiener(magnitudes, mix_stft, 0, softmask=model.softmask, residual=model.residual)
+        return self.synthesis.push(stems)
 
 
 def build_umx_objective(model: UMX, *, source_weights: tp.Optional[tp.Dict[str, float]] = None) -> Objective:

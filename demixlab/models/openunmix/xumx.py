@@ -52,6 +52,18 @@ class XUMX(UMX):
         features = self._cross([target.temporal(x) for target, x in zip(targets, features)])
         return torch.stack([target.decode(x, mix_magnitude) for target, x in zip(targets, features)], dim=1)
 
+    def streamed_magnitudes(self, mix_magnitude: torch.Tensor, states: tp.Optional[tp.List[tp.Any]]
+                            ) -> tp.Tuple[torch.Tensor, tp.List[tp.Any]]:
+        """:meth:`target_magnitudes` of the next frames of a stream, the LSTMs continuing from
+        `states` (None at the start); returns the new states too. The bridges are frame-local."""
+        targets = list(self.targets.values())
+        states = states or [None] * len(targets)
+        features = self._cross([target.encode(mix_magnitude) for target in targets])
+        steps = [target.temporal_step(x, state) for target, x, state in zip(targets, features, states)]
+        features = self._cross([x for x, _ in steps])
+        estimates = torch.stack([target.decode(x, mix_magnitude) for target, x in zip(targets, features)], dim=1)
+        return estimates, [state for _, state in steps]
+
     def _cross(self, features: tp.List[torch.Tensor]) -> tp.List[torch.Tensor]:
         """A bridge: every target gets the average of the targets' features (unchanged without `bridge`)."""
         if not self.bridge:

@@ -1,0 +1,103 @@
+"""Live streams through causal models: the declared lookahead, block-wise STFT/ISTFT, and
+`Separator.stream()` giving the offline stems delayed by its latency."""
+import itertools
+
+import pytest
+import torch
+
+from demixlab.errors import DemixError
+from demixlab.models import get_family
+from demixlab.release.model_file import package_model, save_package
+from demixlab.separation import Separator
+from demixlab.spectral import STFT, StreamingISTFT, StreamingSTFT
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+CAUSAL = dict(n_fft=512, hop_length=128, hidden_size=16, nb_layers=2, bandwidth=8000.0, wiener_iterations=0,
+              unidirectional=True)
+
+
+def _blocks(signal: torch.Tensor, sizes):
+    position = 0
+    for size in itertools.cycle(sizes):
+        if position >= signal.shape[-1]:
+            return
+        yield signal[..., position:position + size]
+        position += size
+
+
+def _repo(tmp_path, family: str, options: dict, name: str = "live"):
+    torch.manual_seed(0)
+    model = get_family(family).build_model(SOURCES, 44100, 2, options)
+    with torch.no_grad():  # masks that vary over time and bins
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    save_package(package_model(family, options, model.state_dict(), sources=SOURCES, samplerate=44100,
+                               audio_channels=2), tmp_path / f"{name}.th")
+    return tmp_path
+
+
+@pytest.mark.parametrize("length", [257, 1000, 23456])
+@pytest.mark.parametrize("n_fft,hop", [(512, 128), (256, 64), (400, 100)])
+def test_block_wise_stft_and_istft_are_the_whole_signal_transforms(length, n_fft, hop):
+    stft = STFT(n_fft, hop)
+    signal = torch.randn(2, 3, length, generator=torch.Generator().manual_seed(length))
+    analysis = StreamingSTFT(stft)
+    frames = [analysis.push(block) for block in _blocks(signal, (1, 100, 37, 900))] + [analysis.finish()]
+    whole = stft(signal)
+    torch.testing.assert_close(torch.cat(frames, dim=-1), whole, rtol=0, atol=1e-5)
+    synthesis = StreamingISTFT(stft)
+    samples = [synthesis.push(whole[..., first:first + 3]) for first in range(0, whole.shape[-1], 3)]
+    samples.append(synthesis.finish(length))
+    torch.testing.assert_close(torch.cat(samples, dim=-1), stft.inverse(whole, length), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,options,sizes,channels", [
+    ("umx", CAUSAL, (1, 300, 64, 2000), 2),
+    ("umx", dict(CAUSAL, residual=True, softmask=True), (4096,), 2),
+    ("xumx", CAUSAL, (128,), 2),
+    ("umx", CAUSAL, (777, 5), 1),
+])
+def test_the_stream_is_the_offline_separation_delayed_by_the_latency(tmp_path, family, options, sizes, channels):
+    separator = Separator(_repo(tmp_path, family, options), "live")
+    wav = 0.3 * torch.randn(channels, 20000, generator=torch.Generator().manual_seed(1))
+    offline = separator.separate_tensor(wav, 44100)  # split=False would be the same: UMX's default chunk is 30 s
+    live = separator.stream()
+    assert live.latency == options["n_fft"] - 1
+    pieces = {source: [] for source in SOURCES}
+    for block in _blocks(wav, sizes):
+        stems = live.push(block)
+        for source in SOURCES:
+            assert stems[source].shape == block.shape  # as many samples out as in, the input's channels
+            pieces[source].append(stems[source])
+    for source, stem in live.flush().items():
+        assert stem.shape == (channels, live.latency)
+        pieces[source].append(stem)
+    peak = max(float(stem.abs().max()) for stem in offline.values())
+    assert peak > 1e-2
+    for source in SOURCES:
+        streamed = torch.cat(pieces[source], dim=-1)
+        assert not streamed[..., :live.latency].any()  # silence while the first samples are due
+        torch.testing.assert_close(streamed[..., live.latency:], offline[source], rtol=0, atol=1e-5 * peak)
+    with pytest.raises(DemixError, match="flushed"):
+        live.push(wav[:, :10])
+
+
+@pytest.mark.parametrize("options", [dict(CAUSAL, unidirectional=False), dict(CAUSAL, wiener_iterations=1)])
+def test_a_model_that_cannot_stream_is_a_one_line_error_naming_its_family(tmp_path, options):
+    separator = Separator(_repo(tmp_path, "umx", options), "live")
+    assert separator.bag.members[0].model.lookahead is None
+    with pytest.raises(DemixError, match=r"model 'live' of family umx cannot separate a stream") as error:
+        separator.stream()
+    assert "\n" not in str(error.value)
+
+
+def test_a_stream_needs_blocks_of_one_shape_and_is_flushed_once(tmp_path):
+    live = Separator(_repo(tmp_path, "umx", CAUSAL), "live").stream()
+    with pytest.raises(DemixError, match="empty"):
+        live.flush()
+    live.push(torch.zeros(2, 1000))
+    with pytest.raises(DemixError, match="blocks of one shape"):
+        live.push(torch.zeros(1, 100))
+    live.flush()
+    with pytest.raises(DemixError, match="already flushed"):
+        live.flush()
