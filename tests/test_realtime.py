@@ -1,6 +1,5 @@
 """Live streams through causal models: the declared lookahead, block-wise STFT/ISTFT, and
 `Separator.stream()` giving the offline stems delayed by its latency."""
-import itertools
 
 import pytest
 import torch
@@ -10,19 +9,11 @@ from demixlab.models import get_family
 from demixlab.release.model_file import package_model, save_package
 from demixlab.separation import Separator
 from demixlab.spectral import STFT, StreamingISTFT, StreamingSTFT
+from tests.test_streaming import _blocks
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 CAUSAL = dict(n_fft=512, hop_length=128, hidden_size=16, nb_layers=2, bandwidth=8000.0, wiener_iterations=0,
               unidirectional=True)
-
-
-def _blocks(signal: torch.Tensor, sizes):
-    position = 0
-    for size in itertools.cycle(sizes):
-        if position >= signal.shape[-1]:
-            return
-        yield signal[..., position:position + size]
-        position += size
 
 
 def _repo(tmp_path, family: str, options: dict, name: str = "live"):

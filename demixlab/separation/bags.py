@@ -15,6 +15,16 @@ DEFAULT_SEGMENT = 30.0
 """Seconds per chunk for models whose file gives no segment (memory stays bounded)."""
 
 
+def chunk_frames(bag: Bag, member: BagMember, segment: tp.Optional[float], split: bool) -> tp.Optional[int]:
+    """Samples per chunk of one bag member: `segment` seconds, else the bag's, else the model file's,
+    else :data:`DEFAULT_SEGMENT`; None (whole signals) when `split` is off."""
+    seconds = segment if segment is not None else bag.segment
+    if seconds is None:
+        seconds = member.package.get("segment") or DEFAULT_SEGMENT
+    # floor, like models that cannot exceed their segment (HTDemucs) count it
+    return int(float(seconds) * bag.samplerate) if split else None
+
+
 def apply_bag(bag: Bag, mixture: torch.Tensor, *, segment: tp.Optional[float] = None, split: bool = True,
               overlap: float = 0.25, shifts: int = 0, jobs: int = 1, progress: bool = False,
               generator: tp.Optional[torch.Generator] = None, batch_chunks: int = 1) -> torch.Tensor:
@@ -31,11 +41,7 @@ def apply_bag(bag: Bag, mixture: torch.Tensor, *, segment: tp.Optional[float] = 
         if not member.active:
             continue
         assert member.model is not None
-        seconds = segment if segment is not None else bag.segment
-        if seconds is None:
-            seconds = member.package.get("segment") or DEFAULT_SEGMENT
-        # floor, like models that cannot exceed their segment (HTDemucs) count it
-        frames = int(float(seconds) * bag.samplerate) if split else None
+        frames = chunk_frames(bag, member, segment, split)
         estimate = apply_model(member.model, mixture, segment=frames, overlap=overlap, shifts=shifts,
                                generator=generator, progress=progress, jobs=jobs, batch_chunks=batch_chunks)
         member_sources = list(member.package["sources"])

@@ -17,7 +17,7 @@ import torch
 from ..errors import DemixError
 from ..models import SeparationModel
 from ..release.repository import Bag
-from .bags import DEFAULT_SEGMENT
+from .bags import chunk_frames
 from .chunking import _model_device, check_batch_chunks, run_batch
 
 
@@ -222,10 +222,7 @@ def stream_bag(bag: Bag, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optio
         if not member.active:
             continue
         assert member.model is not None
-        seconds = segment if segment is not None else bag.segment
-        if seconds is None:
-            seconds = member.package.get("segment") or DEFAULT_SEGMENT
-        frames = int(float(seconds) * bag.samplerate) if split else None
+        frames = chunk_frames(bag, member, segment, split)
         if shifts:
             max_shift = member.model.samplerate // 2
             passes = []
