@@ -25,6 +25,7 @@ setup(
         "dora-search>=0.1.13",
         "submitit",
         "numpy",
+        "scipy",  # LAPACK potrf/potrs in place for BSS Eval v4 (demixlab.evaluation.bsseval)
         "soundfile",
         "julius",
         "tqdm",

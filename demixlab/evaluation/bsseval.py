@@ -38,6 +38,7 @@ import typing as tp
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from ..errors import DemixError
 
@@ -188,38 +189,46 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
     lag = filters_len - 1
     flat_refs = refs.reshape(pairs, -1)
     correlations = _lagged_correlations(flat_refs, torch.cat([flat_refs, ests.reshape(pairs, -1)]), lag)
-    # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]
+    # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]: one
+    # gather with broadcast indices writes the (P, L, P, L) layout directly.
     delays = torch.arange(filters_len, device=refs.device)
-    gram = correlations[:, :pairs, delays[:, None] - delays[None, :] + lag]  # (P, P, L, L)
-    gram = gram.permute(0, 2, 1, 3).reshape(pairs * filters_len, pairs * filters_len)
+    pair_index = torch.arange(pairs, device=refs.device)
+    gram = correlations[pair_index[:, None, None, None], pair_index[None, None, :, None],
+                        (delays[:, None] - delays[None, :] + lag)[None, :, None, :]]
+    gram = gram.reshape(pairs * filters_len, pairs * filters_len)
     # rhs[(p, a), (s, c)] = <ref_p delayed by a, est_{s, c}> = corr[p, P + s*C + c, a]
     rhs = correlations[:, pairs:, lag:].permute(0, 2, 1).reshape(pairs * filters_len, pairs)
     gram.diagonal().add_(_EPS)
-    filters_all = _solve(gram, rhs)
-    filters_all = filters_all.reshape(sources, channels, filters_len, sources, channels).permute(3, 0, 1, 2, 4)
-    # The diagonal blocks of the same system: each estimate onto its own reference only.
+    # The diagonal blocks of the same system: each estimate onto its own reference only
+    # (copied out first: the CPU solve factorises the big system in place).
     block = channels * filters_len
     own_gram = torch.stack([gram[j * block:(j + 1) * block, j * block:(j + 1) * block] for j in range(sources)])
     own_rhs = torch.stack([rhs[j * block:(j + 1) * block, j * channels:(j + 1) * channels] for j in range(sources)])
-    filters_own = _solve(own_gram, own_rhs)  # already regularised like museval's
+    filters_all = _solve(gram, rhs, overwrite=True)
+    filters_all = filters_all.reshape(sources, channels, filters_len, sources, channels).permute(3, 0, 1, 2, 4)
+    filters_own = _solve(own_gram, own_rhs, overwrite=True)  # already regularised like museval's
     return filters_all.contiguous(), filters_own.reshape(sources, channels, filters_len, channels)
 
 
-def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve the symmetric positive (semi-)definite Gram system: Cholesky, LU when that fails.
+def _solve(matrix: torch.Tensor, rhs: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """Solve the symmetric positive (semi-)definite Gram system(s): Cholesky, LU when that fails.
 
-    Warns (once per process) when the system is numerically singular: then ISR, SIR and SAR
-    depend on rounding, in museval as here (SDR does not).
+    ``matrix`` (..., N, N), ``rhs`` (..., N, M). With ``overwrite``, a CPU ``matrix`` is used as
+    the factorisation's workspace (LAPACK in place: no copies of the big system) and holds
+    garbage afterwards. Warns (once per process) when the system is numerically singular: then
+    ISR, SIR and SAR depend on rounding, in museval as here (SDR does not).
     """
     global _warned_singular
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if bool((info == 0).all()):
-        pivots = factor.diagonal(dim1=-2, dim2=-1).pow(2)
-        singular = bool((pivots.min(-1).values < SINGULAR_RCOND * pivots.max(-1).values).any())
-        solution = torch.cholesky_solve(rhs, factor)
+    if matrix.device.type == "cpu":
+        solution, singular = _solve_lapack(matrix if overwrite else matrix.clone(), rhs)
     else:
-        singular = True
-        solution = torch.linalg.solve(matrix, rhs)
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if bool((info == 0).all()):
+            singular = _singular(factor.diagonal(dim1=-2, dim2=-1))
+            solution = torch.cholesky_solve(rhs, factor)
+        else:
+            singular = True
+            solution = torch.linalg.solve(matrix, rhs)
     if singular:
         logger.debug("BSS Eval v4: the distortion filters' Gram system is numerically singular")
         if not _warned_singular:
@@ -228,6 +237,41 @@ def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
                            "Gram system is numerically singular: ISR, SIR and SAR then depend on rounding (in "
                            "museval too; SDR does not). Compare SDR; read ISR/SIR/SAR with care.")
     return solution
+
+
+def _singular(cholesky_diagonal: torch.Tensor) -> bool:
+    """Whether a Cholesky factor's squared pivots span more than 1 / SINGULAR_RCOND."""
+    pivots = cholesky_diagonal.pow(2)
+    return bool((pivots.min(-1).values < SINGULAR_RCOND * pivots.max(-1).values).any())
+
+
+def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Tensor, bool]:
+    """CPU solve of (..., N, N) symmetric systems by LAPACK's potrf/potrs, factorising in place.
+
+    ``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes its upper
+    triangle afterwards: two extra passes over a 134 MB system. A C-contiguous symmetric matrix
+    is its own column-major transpose, so potrf works on it where it lies. Returns the solution
+    and whether any system was numerically singular.
+    """
+    matrix = matrix.contiguous()
+    rhs = rhs.to(torch.float64)
+    solutions, singular = [], False
+    for system, right in zip(matrix.reshape(-1, *matrix.shape[-2:]), rhs.reshape(-1, *rhs.shape[-2:])):
+        diagonal = system.diagonal().clone()
+        array = system.numpy().T  # column-major view, same values (symmetric)
+        factor, info = lapack.dpotrf(array, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
+            singular |= _singular(torch.from_numpy(factor.diagonal().copy()))
+            solution, info = lapack.dpotrs(factor, right.numpy(), lower=1)
+            solutions.append(torch.from_numpy(solution))
+            continue
+        # Not positive definite: potrf wrote only the view's lower triangle, i.e. this tensor's
+        # upper one; rebuild the system from the untouched strict lower triangle and solve by LU.
+        lower = system.tril(-1)
+        rebuilt = lower + lower.mT + torch.diag(diagonal)
+        solutions.append(torch.linalg.solve(rebuilt, right))
+        singular = True
+    return torch.stack(solutions).reshape(rhs.shape), singular
 
 
 def _lagged_correlations(first: torch.Tensor, second: torch.Tensor, max_lag: int) -> torch.Tensor:
