@@ -51,6 +51,7 @@ _EPS = float(np.finfo(np.float64).eps)  # museval's regularisation of the Gram m
 _CORRELATION_FFT = 65536  # block FFT size for the track-long cross-correlations
 _FRAMES_PER_CHUNK = 16  # frames projected at once (bounds memory on long tracks)
 _BLOCKS_PER_CHUNK = 16  # correlation blocks transformed at once (idem)
+_BINS_PER_TILE = 1024  # frequency bins accumulated at once over the blocks (cache-sized)
 _warned_singular = False
 
 
@@ -170,9 +171,10 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
             proj_own.addcmul_(ref_spec[:, :, channel, None], spec_own[:, channel])
         own_energy = energy(proj_own)
         all_energy = energy(proj_all)
-        isr.append(_safe_db(signal[:, chunk].T, energy(proj_own - ref_spec)))
-        sir.append(_safe_db(own_energy, energy(proj_all - proj_own)))
-        sar.append(_safe_db(all_energy, energy(est_spec - proj_all)))
+        # The error terms in place, each operand's last use first: no chunk-sized temporaries.
+        sar.append(_safe_db(all_energy, energy(est_spec.sub_(proj_all))))
+        sir.append(_safe_db(own_energy, energy(proj_all.sub_(proj_own))))
+        isr.append(_safe_db(signal[:, chunk].T, energy(proj_own.sub_(ref_spec))))
     return {"isr": torch.cat(isr).T.contiguous(), "sir": torch.cat(sir).T.contiguous(),
             "sar": torch.cat(sar).T.contiguous()}
 
@@ -188,13 +190,14 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
     pairs = sources * channels
     lag = filters_len - 1
     flat_refs = refs.reshape(pairs, -1)
-    correlations = _lagged_correlations(flat_refs, torch.cat([flat_refs, ests.reshape(pairs, -1)]), lag)
-    # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]: one
-    # gather with broadcast indices writes the (P, L, P, L) layout directly.
-    delays = torch.arange(filters_len, device=refs.device)
-    pair_index = torch.arange(pairs, device=refs.device)
-    gram = correlations[pair_index[:, None, None, None], pair_index[None, None, :, None],
-                        (delays[:, None] - delays[None, :] + lag)[None, :, None, :]]
+    correlations = _lagged_correlations(flat_refs, [flat_refs, ests.reshape(pairs, -1)], lag)
+    # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]
+    # = flipped[p, q, lag - a + b]: row a of every block is one contiguous slice of `flipped`
+    # (filters_len slice copies beat one gather with computed indices 2x).
+    flipped = correlations[:, :pairs].flip(-1)
+    gram = torch.empty(pairs, filters_len, pairs, filters_len, dtype=refs.dtype, device=refs.device)
+    for delay in range(filters_len):
+        gram[:, delay].copy_(flipped[:, :, lag - delay:lag - delay + filters_len])
     gram = gram.reshape(pairs * filters_len, pairs * filters_len)
     # rhs[(p, a), (s, c)] = <ref_p delayed by a, est_{s, c}> = corr[p, P + s*C + c, a]
     rhs = correlations[:, pairs:, lag:].permute(0, 2, 1).reshape(pairs * filters_len, pairs)
@@ -274,11 +277,12 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
     return torch.stack(solutions).reshape(rhs.shape), singular
 
 
-def _lagged_correlations(first: torch.Tensor, second: torch.Tensor, max_lag: int) -> torch.Tensor:
+def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor], max_lag: int) -> torch.Tensor:
     """corr[p, q, max_lag + k] = sum_n first[p, n] second[q, n + k] for |k| <= max_lag.
 
-    (P, T) and (Q, T) -> (P, Q, 2 max_lag + 1), by FFTs of short blocks summed in the frequency
-    domain (the full-length FFT of a long track would need an (P, Q, T) product).
+    (P, T) and (Q, T) (``second``'s (Q_i, T) stacked) -> (P, Q, 2 max_lag + 1), by FFTs of short
+    blocks summed in the frequency domain (the full-length FFT of a long track would need an
+    (P, Q, T) product).
     """
     length = first.shape[-1]
     n_fft = max(_CORRELATION_FFT, _fast_size(4 * max_lag + 2))
@@ -286,19 +290,29 @@ def _lagged_correlations(first: torch.Tensor, second: torch.Tensor, max_lag: int
     blocks = -(-length // block)
     first = torch.nn.functional.pad(first, (0, blocks * block - length))
     # Block u of `second` spans samples [u*block - max_lag, (u+1)*block + max_lag).
-    second = torch.nn.functional.pad(second, (max_lag, blocks * block - length + max_lag))
+    padded = torch.zeros(sum(part.shape[0] for part in second), blocks * block + 2 * max_lag,
+                         dtype=first.dtype, device=first.device)
+    row = 0
+    for part in second:  # copied in place: no concatenated copy, then padded copy, of the track
+        padded[row:row + part.shape[0], max_lag:max_lag + length].copy_(part)
+        row += part.shape[0]
+    second = padded
     first_blocks = first.unfold(-1, block, block)  # (P, U, block)
     second_blocks = second.unfold(-1, block + 2 * max_lag, block)  # (Q, U, block + 2 max_lag)
-    cross = torch.zeros(first.shape[0], second.shape[0], n_fft // 2 + 1, dtype=torch.complex128,
-                        device=first.device)
+    bins = n_fft // 2 + 1
+    cross = torch.zeros(first.shape[0], second.shape[0], bins, dtype=torch.complex128, device=first.device)
     for start in range(0, blocks, _BLOCKS_PER_CHUNK):
         chunk = slice(start, start + _BLOCKS_PER_CHUNK)
         first_spec = torch.fft.rfft(first_blocks[:, chunk], n=n_fft).conj().resolve_conj()
         second_spec = torch.fft.rfft(second_blocks[:, chunk], n=n_fft)
         # One broadcast multiply-add per block: a batched matmul over frequencies (einsum) is
         # 20x slower on some CPU builds (complex bmm falls back to one small GEMM per bin).
-        for block_index in range(first_spec.shape[1]):
-            cross.addcmul_(first_spec[:, block_index, None], second_spec[None, :, block_index])
+        # Frequency tiles outermost keep the (P, Q, tile) accumulator in cache over the blocks.
+        for low in range(0, bins, _BINS_PER_TILE):
+            tile = slice(low, low + _BINS_PER_TILE)
+            accumulator = cross[:, :, tile]
+            for block_index in range(first_spec.shape[1]):
+                accumulator.addcmul_(first_spec[:, block_index, None, tile], second_spec[None, :, block_index, tile])
     return torch.fft.irfft(cross, n=n_fft)[..., :2 * max_lag + 1]
 
 
