@@ -269,10 +269,13 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
             solutions.append(torch.from_numpy(solution))
             continue
         # Not positive definite: potrf wrote only the view's lower triangle, i.e. this tensor's
-        # upper one; rebuild the system from the untouched strict lower triangle and solve by LU.
+        # upper one; rebuild the system from the untouched strict lower triangle and solve by LU
+        # (LAPACK gesv too: MKL's, behind torch.linalg.solve, failed on 2 threads with
+        # "Parameter 6 was incorrect on entry to DLASWP" on these systems).
         lower = system.tril(-1)
         rebuilt = lower + lower.mT + torch.diag(diagonal)
-        solutions.append(torch.linalg.solve(rebuilt, right))
+        solution = lapack.dgesv(rebuilt.numpy(), right.numpy(), overwrite_a=1)[2]
+        solutions.append(torch.from_numpy(solution))
         singular = True
     return torch.stack(solutions).reshape(rhs.shape), singular
 
