@@ -304,22 +304,23 @@ def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor],
     n_fft = max(_CORRELATION_FFT, _fast_size(4 * max_lag + 2))
     block = n_fft - 2 * max_lag
     blocks = -(-length // block)
-    first = torch.nn.functional.pad(first, (0, blocks * block - length))
-    # Block u of `second` spans samples [u*block - max_lag, (u+1)*block + max_lag).
-    padded = torch.zeros(sum(part.shape[0] for part in second), blocks * block + 2 * max_lag,
-                         dtype=first.dtype, device=first.device)
+    # Block u of `second` spans samples [u*block - max_lag, (u+1)*block + max_lag) of one buffer
+    # holding the signals between zero edges (only the edges are zeroed; nothing is concatenated).
+    rows = first.shape[0] + sum(part.shape[0] for part in second)
+    padded = torch.empty(rows, blocks * block + 2 * max_lag, dtype=first.dtype, device=first.device)
+    padded[:, :max_lag].zero_()
+    padded[:, max_lag + length:].zero_()
     row = 0
-    for part in second:  # copied in place: no concatenated copy, then padded copy, of the track
+    for part in [first, *second]:
         padded[row:row + part.shape[0], max_lag:max_lag + length].copy_(part)
         row += part.shape[0]
-    second = padded
-    first_blocks = first.unfold(-1, block, block)  # (P, U, block)
-    second_blocks = second.unfold(-1, block + 2 * max_lag, block)  # (Q, U, block + 2 max_lag)
+    first_blocks = padded[:first.shape[0], max_lag:max_lag + blocks * block].unfold(-1, block, block)  # (P, U, block)
+    second_blocks = padded[first.shape[0]:].unfold(-1, block + 2 * max_lag, block)  # (Q, U, block + 2 max_lag)
     bins = n_fft // 2 + 1
-    cross = torch.zeros(first.shape[0], second.shape[0], bins, dtype=torch.complex128, device=first.device)
+    cross = torch.empty(first.shape[0], second_blocks.shape[0], bins, dtype=torch.complex128, device=first.device)
     for start in range(0, blocks, _BLOCKS_PER_CHUNK):
         chunk = slice(start, start + _BLOCKS_PER_CHUNK)
-        first_spec = torch.fft.rfft(first_blocks[:, chunk], n=n_fft).conj().resolve_conj()
+        first_spec = torch.fft.rfft(first_blocks[:, chunk], n=n_fft).conj()  # lazy: resolved per tile
         second_spec = torch.fft.rfft(second_blocks[:, chunk], n=n_fft)
         # One broadcast multiply-add per block: a batched matmul over frequencies (einsum) is
         # 20x slower on some CPU builds (complex bmm falls back to one small GEMM per bin).
@@ -328,7 +329,12 @@ def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor],
             tile = slice(low, low + _BINS_PER_TILE)
             accumulator = cross[:, :, tile]
             for block_index in range(first_spec.shape[1]):
-                accumulator.addcmul_(first_spec[:, block_index, None, tile], second_spec[None, :, block_index, tile])
+                first_tile = first_spec[:, block_index, None, tile]
+                second_tile = second_spec[None, :, block_index, tile]
+                if start == 0 and block_index == 0:
+                    torch.mul(first_tile, second_tile, out=accumulator)
+                else:
+                    accumulator.addcmul_(first_tile, second_tile)
     return torch.fft.irfft(cross, n=n_fft)[..., :2 * max_lag + 1]
 
 
