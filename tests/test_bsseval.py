@@ -176,3 +176,20 @@ def test_band_limited_references_warn_that_isr_sir_sar_are_ill_defined(caplog, m
     for metric in ("isr", "sir", "sar"):  # ill-defined but not garbage: the dense fallback stays finite
         assert torch.isfinite(got[metric]).all(), metric
 
+
+
+def test_gram_solver_matches_a_dense_solve_and_falls_back_to_lu_on_indefinite_systems(monkeypatch):
+    import demixlab.evaluation.bsseval as bsseval
+    monkeypatch.setattr(bsseval, "_warned_singular", True)  # the indefinite system would warn
+    generator = torch.Generator().manual_seed(18)
+    tall = torch.randn(2, 60, 70, generator=generator, dtype=torch.float64)
+    positive = tall @ tall.mT  # a batch of two well-conditioned Gram matrices
+    square = torch.randn(60, 60, generator=generator, dtype=torch.float64)
+    indefinite = square + square.T  # Cholesky fails: the LU fallback must solve it
+    for matrix in (positive, positive[0], indefinite):
+        rhs = torch.randn(*matrix.shape[:-1], 3, generator=generator, dtype=torch.float64)
+        original = matrix.clone()
+        solution = bsseval._solve(matrix, rhs)
+        assert torch.equal(matrix, original)  # only overwrite=True may use it as workspace
+        torch.testing.assert_close(matrix @ solution, rhs, rtol=0, atol=1e-9)
+        torch.testing.assert_close(bsseval._solve(matrix.clone(), rhs, overwrite=True), solution, rtol=0, atol=0)
