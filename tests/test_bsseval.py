@@ -184,8 +184,8 @@ def test_gram_solver_matches_a_dense_solve_and_falls_back_to_lu_on_indefinite_sy
     generator = torch.Generator().manual_seed(18)
     tall = torch.randn(2, 60, 70, generator=generator, dtype=torch.float64)
     positive = tall @ tall.mT  # a batch of two well-conditioned Gram matrices
-    square = torch.randn(60, 60, generator=generator, dtype=torch.float64)
-    indefinite = square + square.T  # Cholesky fails: the LU fallback must solve it
+    indefinite = positive[0].clone()
+    indefinite[-1, -1] *= -1  # Cholesky fails at the last pivot, its workspace written: LU must solve it
     for matrix in (positive, positive[0], indefinite):
         rhs = torch.randn(*matrix.shape[:-1], 3, generator=generator, dtype=torch.float64)
         original = matrix.clone()
