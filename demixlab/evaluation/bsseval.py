@@ -268,7 +268,8 @@ def _singular(cholesky_diagonal: torch.Tensor) -> bool:
 
 
 def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Tensor, bool]:
-    """CPU solve of (..., N, N) symmetric systems by LAPACK's potrf/potrs, factorising in place.
+    """CPU solve of (..., N, N) symmetric systems by LAPACK's potrf/potrs (sysv when Cholesky
+    fails), factorising in place.
 
     ``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes its upper
     triangle afterwards: two extra passes over a 134 MB system. A C-contiguous symmetric matrix
@@ -287,13 +288,11 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
             solution, info = lapack.dpotrs(factor, right.numpy(), lower=1)
             solutions.append(torch.from_numpy(solution))
             continue
-        # Not positive definite: potrf wrote only the view's lower triangle, i.e. this tensor's
-        # upper one; rebuild the system from the untouched strict lower triangle and solve by LU
-        # (LAPACK gesv too: MKL's, behind torch.linalg.solve, failed on 2 threads with
-        # "Parameter 6 was incorrect on entry to DLASWP" on these systems).
-        lower = system.tril(-1)
-        rebuilt = lower + lower.mT + torch.diag(diagonal)
-        solution = lapack.dgesv(rebuilt.numpy(), right.numpy(), overwrite_a=1)[2]
+        # Not positive definite (singular to rounding): potrf wrote only the view's lower
+        # triangle, i.e. this tensor's upper one. The view's upper triangle is intact: restore
+        # the diagonal and solve by symmetric indefinite LDL^T (sysv, half the work of LU) there.
+        system.diagonal().copy_(diagonal)
+        solution = lapack.dsysv(array, right.numpy(), lower=0, overwrite_a=1)[2]
         solutions.append(torch.from_numpy(solution))
         singular = True
     return torch.stack(solutions).reshape(rhs.shape), singular
