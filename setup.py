@@ -26,6 +26,7 @@ setup(
         "submitit",
         "numpy",
         "scipy",  # LAPACK potrf/potrs in place for BSS Eval v4 (demixlab.evaluation.bsseval)
+        "threadpoolctl",  # one BLAS thread for those (next to torch's OpenMP pool)
         "soundfile",
         "julius",
         "tqdm",

@@ -43,6 +43,7 @@ import math
 import typing as tp
 
 import numpy as np
+import threadpoolctl
 import torch
 from scipy.linalg import lapack
 
@@ -57,7 +58,7 @@ _EPS = float(np.finfo(np.float64).eps)  # museval's regularisation of the Gram m
 _CORRELATION_FFT = 65536  # block FFT size for the track-long cross-correlations
 _FRAMES_PER_CHUNK = 16  # frames projected at once (bounds memory on long tracks)
 _BLOCKS_PER_CHUNK = 16  # correlation blocks transformed at once (idem)
-_BINS_PER_TILE = 1024  # frequency bins accumulated at once over the blocks (cache-sized)
+_BINS_PER_TILE = 1024  # frequency bins per cache-sized tile (single-threaded only, see _tile_bins)
 _warned_singular = False
 
 
@@ -149,6 +150,7 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
     frame_len = ref_frames.shape[-1]
     n_fft = _fast_size(frame_len + filters_len - 1)
     bins = n_fft // 2 + 1
+    tile_bins = _tile_bins(bins)
     # Spectra of the filters, (S_est, C_ref * S_ref, C_out, K) (pairs in the order of the
     # frames' (C, S) spectra below) and (S, C_ref, C_out, K).
     spec_all = torch.fft.rfft(filters_all, n=n_fft, dim=3).permute(0, 2, 1, 4, 3)
@@ -175,8 +177,8 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
         # Energies of P_j, P_all, e - P_all, P_all - P_j and P_j - s per (F, S), summed over
         # cache-sized frequency tiles (the projections never exist for the whole spectrum).
         energies = torch.zeros(5, ref_spec.shape[0], sources, dtype=torch.float64, device=refs.device)
-        for low in range(0, bins, _BINS_PER_TILE):
-            tile = slice(low, low + _BINS_PER_TILE)
+        for low in range(0, bins, tile_bins):
+            tile = slice(low, low + tile_bins)
             # Broadcast multiply-adds rather than einsum: see _lagged_correlations.
             proj_all = flat[:, 0, ..., tile] * spec_all[:, 0, ..., tile]  # (F, S_est, C_out, tile)
             for pair in range(1, channels * sources):
@@ -279,22 +281,25 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
     matrix = matrix.contiguous()
     rhs = rhs.to(torch.float64)
     solutions, singular = [], False
-    for system, right in zip(matrix.reshape(-1, *matrix.shape[-2:]), rhs.reshape(-1, *rhs.shape[-2:])):
-        diagonal = system.diagonal().clone()
-        array = system.numpy().T  # column-major view, same values (symmetric)
-        factor, info = lapack.dpotrf(array, lower=1, clean=0, overwrite_a=1)
-        if info == 0:
-            singular |= _singular(torch.from_numpy(factor.diagonal().copy()))
-            solution, info = lapack.dpotrs(factor, right.numpy(), lower=1)
+    # One BLAS thread: a 2-thread OpenBLAS next to torch's 2-thread OpenMP pool made the whole
+    # evaluation 5x slower on 2 cores (12.5 s against 2.3 s per 20 s track: the pools collide).
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        for system, right in zip(matrix.reshape(-1, *matrix.shape[-2:]), rhs.reshape(-1, *rhs.shape[-2:])):
+            diagonal = system.diagonal().clone()
+            array = system.numpy().T  # column-major view, same values (symmetric)
+            factor, info = lapack.dpotrf(array, lower=1, clean=0, overwrite_a=1)
+            if info == 0:
+                singular |= _singular(torch.from_numpy(factor.diagonal().copy()))
+                solution, info = lapack.dpotrs(factor, right.numpy(), lower=1)
+                solutions.append(torch.from_numpy(solution))
+                continue
+            # Not positive definite (singular to rounding): potrf wrote only the view's lower
+            # triangle, i.e. this tensor's upper one. The view's upper triangle is intact: restore
+            # the diagonal and solve by symmetric indefinite LDL^T (sysv, half the work of LU) there.
+            system.diagonal().copy_(diagonal)
+            solution = lapack.dsysv(array, right.numpy(), lower=0, overwrite_a=1)[2]
             solutions.append(torch.from_numpy(solution))
-            continue
-        # Not positive definite (singular to rounding): potrf wrote only the view's lower
-        # triangle, i.e. this tensor's upper one. The view's upper triangle is intact: restore
-        # the diagonal and solve by symmetric indefinite LDL^T (sysv, half the work of LU) there.
-        system.diagonal().copy_(diagonal)
-        solution = lapack.dsysv(array, right.numpy(), lower=0, overwrite_a=1)[2]
-        solutions.append(torch.from_numpy(solution))
-        singular = True
+            singular = True
     return torch.stack(solutions).reshape(rhs.shape), singular
 
 
@@ -322,6 +327,7 @@ def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor],
     first_blocks = padded[:first.shape[0], max_lag:max_lag + blocks * block].unfold(-1, block, block)  # (P, U, block)
     second_blocks = padded[first.shape[0]:].unfold(-1, block + 2 * max_lag, block)  # (Q, U, block + 2 max_lag)
     bins = n_fft // 2 + 1
+    tile_bins = _tile_bins(bins)
     cross = torch.empty(first.shape[0], second_blocks.shape[0], bins, dtype=torch.complex128, device=first.device)
     for start in range(0, blocks, _BLOCKS_PER_CHUNK):
         chunk = slice(start, start + _BLOCKS_PER_CHUNK)
@@ -330,8 +336,8 @@ def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor],
         # One broadcast multiply-add per block: a batched matmul over frequencies (einsum) is
         # 20x slower on some CPU builds (complex bmm falls back to one small GEMM per bin).
         # Frequency tiles outermost keep the (P, Q, tile) accumulator in cache over the blocks.
-        for low in range(0, bins, _BINS_PER_TILE):
-            tile = slice(low, low + _BINS_PER_TILE)
+        for low in range(0, bins, tile_bins):
+            tile = slice(low, low + tile_bins)
             accumulator = cross[:, :, tile]
             for block_index in range(first_spec.shape[1]):
                 first_tile = first_spec[:, block_index, None, tile]
@@ -341,6 +347,13 @@ def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor],
                 else:
                     accumulator.addcmul_(first_tile, second_tile)
     return torch.fft.irfft(cross, n=n_fft)[..., :2 * max_lag + 1]
+
+
+def _tile_bins(bins: int) -> int:
+    """Frequency bins per tile: cache-sized on one thread; the whole spectrum on several threads,
+    where every op is an OpenMP fork/join and thousands of small ones cost more than the cache
+    saves (2 threads on a busy 2-core machine: up to 2x slower than untiled)."""
+    return min(_BINS_PER_TILE, bins) if torch.get_num_threads() == 1 else bins
 
 
 def _fast_size(n: int) -> int:
