@@ -25,15 +25,16 @@ that is numerically singular when the references are band-limited (synthesizers,
 dataset, bass stems...): museval's own values then change by several dB when its input is
 scaled by 1 + 1e-12, and no implementation can reproduce them; a warning is logged (once) then.
 
-Here all cross-correlations come from blocked FFTs summed over cache-sized frequency tiles, the
-big Gram system is solved once for all estimates (museval refactorises it per source) by
-Cholesky, and the per-frame projections of all frames and sources are batched products in the
-frequency domain, tile by tile, their energies by Parseval. On the CPU the Gram systems are
-factorised in place by LAPACK's potrf/potrs (scipy): ``torch.linalg.cholesky_ex`` copies the
-matrix to column-major order and zeroes a triangle afterwards (on the 4096 x 4096 system of four
-stereo sources, one thread: 1.4-1.7 s against 0.4-0.8 s in place). The own-source systems (the
-Gram's diagonal blocks, 1024 x 1024) take a tenth of the big one's time; the big factor's leading
-block is the first source's own factor, but reusing it would save about 0.015 s: not done.
+Here all cross-correlations come from blocked FFTs, the big Gram system is solved once for all
+estimates (museval refactorises it per source) by Cholesky, and the per-frame projections of all
+frames and sources are batched products in the frequency domain, their energies by Parseval;
+single-threaded, the correlation sums and the projections run over cache-sized frequency tiles.
+On the CPU the Gram systems are factorised in place by LAPACK's potrf/potrs (scipy, one BLAS
+thread): ``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes a
+triangle afterwards (on the 4096 x 4096 system of four stereo sources, one thread: 1.4-1.7 s
+against 0.4-0.8 s in place). The own-source systems (the Gram's diagonal blocks, 1024 x 1024)
+take a tenth of the big one's time; the big factor's leading block is the first source's own
+factor, but reusing it would save about 0.015 s: not done.
 (A block Levinson solve of the block-Toeplitz Gram system was tried: on music-like references,
 whose systems have condition numbers of 1e7-1e9, its residual is 1e-10 against 1e-15 for Cholesky.)
 Everything runs in float64 on the inputs' device; the evaluation loop passes CPU tensors.
@@ -235,7 +236,8 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
 
 
 def _solve(matrix: torch.Tensor, rhs: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-    """Solve the symmetric positive (semi-)definite Gram system(s): Cholesky, LU when that fails.
+    """Solve the symmetric positive (semi-)definite Gram system(s) by Cholesky; when that fails
+    (singular to rounding), by LDL^T on the CPU and LU elsewhere.
 
     ``matrix`` (..., N, N), ``rhs`` (..., N, M). With ``overwrite``, a CPU ``matrix`` is used as
     the factorisation's workspace (LAPACK in place: no copies of the big system) and holds
