@@ -237,7 +237,7 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
 
 def _solve(matrix: torch.Tensor, rhs: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """Solve the symmetric positive (semi-)definite Gram system(s) by Cholesky; when that fails
-    (singular to rounding), by LDL^T on the CPU and LU elsewhere.
+    (singular to rounding), by LU.
 
     ``matrix`` (..., N, N), ``rhs`` (..., N, M). With ``overwrite``, a CPU ``matrix`` is used as
     the factorisation's workspace (LAPACK in place: no copies of the big system) and holds
@@ -272,7 +272,7 @@ def _singular(cholesky_diagonal: torch.Tensor) -> bool:
 
 
 def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Tensor, bool]:
-    """CPU solve of (..., N, N) symmetric systems by LAPACK's potrf/potrs (sysv when Cholesky
+    """CPU solve of (..., N, N) symmetric systems by LAPACK's potrf/potrs (gesv when Cholesky
     fails), factorising in place.
 
     ``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes its upper
@@ -296,10 +296,12 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
                 solutions.append(torch.from_numpy(solution))
                 continue
             # Not positive definite (singular to rounding): potrf wrote only the view's lower
-            # triangle, i.e. this tensor's upper one. The view's upper triangle is intact: restore
-            # the diagonal and solve by symmetric indefinite LDL^T (sysv, half the work of LU) there.
-            system.diagonal().copy_(diagonal)
-            solution = lapack.dsysv(array, right.numpy(), lower=0, overwrite_a=1)[2]
+            # triangle, i.e. this tensor's upper one. Mirror the intact lower triangle over it,
+            # restore the diagonal and solve by LU (gesv: sysv's LDL^T took about 3x longer in bench/sdr.py).
+            mirrored = system.mT.triu(1)
+            system.tril_(-1).add_(mirrored).diagonal().copy_(diagonal)
+            del mirrored
+            solution = lapack.dgesv(array, right.numpy(), overwrite_a=1)[2]
             solutions.append(torch.from_numpy(solution))
             singular = True
     return torch.stack(solutions).reshape(rhs.shape), singular
