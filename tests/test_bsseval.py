@@ -193,3 +193,15 @@ def test_gram_solver_matches_a_dense_solve_and_falls_back_on_indefinite_systems(
         assert torch.equal(matrix, original)  # only overwrite=True may use it as workspace
         torch.testing.assert_close(matrix @ solution, rhs, rtol=0, atol=1e-9)
         torch.testing.assert_close(bsseval._solve(matrix.clone(), rhs, overwrite=True), solution, rtol=0, atol=0)
+
+
+def test_frequency_tiles_do_not_change_the_metrics(monkeypatch):
+    import demixlab.evaluation.bsseval as bsseval
+    references = clip(2, 3, seed=19)
+    estimates = references + 0.4 * clip(2, 3, seed=20) + 0.2 * references.roll(1, dims=0)
+    monkeypatch.setattr(bsseval, "_tile_bins", lambda bins, device: 1000)  # ragged last tiles
+    tiled = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    monkeypatch.setattr(bsseval, "_tile_bins", lambda bins, device: bins)  # what several threads use
+    whole = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    for metric in METRICS:
+        torch.testing.assert_close(tiled[metric], whole[metric], rtol=0, atol=1e-9)

@@ -151,7 +151,7 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
     frame_len = ref_frames.shape[-1]
     n_fft = _fast_size(frame_len + filters_len - 1)
     bins = n_fft // 2 + 1
-    tile_bins = _tile_bins(bins)
+    tile_bins = _tile_bins(bins, refs.device)
     # Spectra of the filters, (S_est, C_ref * S_ref, C_out, K) (pairs in the order of the
     # frames' (C, S) spectra below) and (S, C_ref, C_out, K).
     spec_all = torch.fft.rfft(filters_all, n=n_fft, dim=3).permute(0, 2, 1, 4, 3)
@@ -331,7 +331,7 @@ def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor],
     first_blocks = padded[:first.shape[0], max_lag:max_lag + blocks * block].unfold(-1, block, block)  # (P, U, block)
     second_blocks = padded[first.shape[0]:].unfold(-1, block + 2 * max_lag, block)  # (Q, U, block + 2 max_lag)
     bins = n_fft // 2 + 1
-    tile_bins = _tile_bins(bins)
+    tile_bins = _tile_bins(bins, first.device)
     cross = torch.empty(first.shape[0], second_blocks.shape[0], bins, dtype=torch.complex128, device=first.device)
     for start in range(0, blocks, _BLOCKS_PER_CHUNK):
         chunk = slice(start, start + _BLOCKS_PER_CHUNK)
@@ -353,11 +353,12 @@ def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor],
     return torch.fft.irfft(cross, n=n_fft)[..., :2 * max_lag + 1]
 
 
-def _tile_bins(bins: int) -> int:
-    """Frequency bins per tile: cache-sized on one thread; the whole spectrum on several threads,
-    where every op is an OpenMP fork/join and thousands of small ones cost more than the cache
-    saves (2 threads on a busy 2-core machine: up to 2x slower than untiled)."""
-    return min(_BINS_PER_TILE, bins) if torch.get_num_threads() == 1 else bins
+def _tile_bins(bins: int, device: torch.device) -> int:
+    """Frequency bins per tile: cache-sized on one CPU thread; the whole spectrum on several
+    threads, where every op is an OpenMP fork/join and thousands of small ones cost more than the
+    cache saves (2 threads on a busy 2-core machine: up to 2x slower than untiled), and on GPUs."""
+    single_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    return min(_BINS_PER_TILE, bins) if single_cpu_thread else bins
 
 
 def _fast_size(n: int) -> int:
