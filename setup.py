@@ -25,6 +25,8 @@ setup(
         "dora-search>=0.1.13",
         "submitit",
         "numpy",
+        "scipy",  # LAPACK potrf/potrs in place for BSS Eval v4 (demixlab.evaluation.bsseval)
+        "threadpoolctl",  # one BLAS thread for those (next to torch's OpenMP pool)
         "soundfile",
         "julius",
         "tqdm",

@@ -176,3 +176,32 @@ def test_band_limited_references_warn_that_isr_sir_sar_are_ill_defined(caplog, m
     for metric in ("isr", "sir", "sar"):  # ill-defined but not garbage: the dense fallback stays finite
         assert torch.isfinite(got[metric]).all(), metric
 
+
+
+def test_gram_solver_matches_a_dense_solve_and_falls_back_on_indefinite_systems(monkeypatch):
+    import demixlab.evaluation.bsseval as bsseval
+    monkeypatch.setattr(bsseval, "_warned_singular", True)  # the indefinite system would warn
+    generator = torch.Generator().manual_seed(18)
+    tall = torch.randn(2, 60, 70, generator=generator, dtype=torch.float64)
+    positive = tall @ tall.mT  # a batch of two well-conditioned Gram matrices
+    indefinite = positive[0].clone()
+    indefinite[-1, -1] *= -1  # Cholesky fails at its last pivot, workspace written: the fallback solves
+    for matrix in (positive, positive[0], indefinite):
+        rhs = torch.randn(*matrix.shape[:-1], 3, generator=generator, dtype=torch.float64)
+        original = matrix.clone()
+        solution = bsseval._solve(matrix, rhs)
+        assert torch.equal(matrix, original)  # only overwrite=True may use it as workspace
+        torch.testing.assert_close(matrix @ solution, rhs, rtol=0, atol=1e-9)
+        torch.testing.assert_close(bsseval._solve(matrix.clone(), rhs, overwrite=True), solution, rtol=0, atol=0)
+
+
+def test_frequency_tiles_do_not_change_the_metrics(monkeypatch):
+    import demixlab.evaluation.bsseval as bsseval
+    references = clip(2, 3, seed=19)
+    estimates = references + 0.4 * clip(2, 3, seed=20) + 0.2 * references.roll(1, dims=0)
+    monkeypatch.setattr(bsseval, "_tile_bins", lambda bins, device: 1000)  # ragged last tiles
+    tiled = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    monkeypatch.setattr(bsseval, "_tile_bins", lambda bins, device: bins)  # what several threads use
+    whole = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    for metric in METRICS:
+        torch.testing.assert_close(tiled[metric], whole[metric], rtol=0, atol=1e-9)
