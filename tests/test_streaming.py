@@ -13,9 +13,10 @@ import torch
 from demixlab.audio import AudioReader, BlockResampler, load_audio_file, write_audio
 from demixlab.commands.separate import main
 from demixlab.errors import EXIT_USER_ERROR, DemixError
+from demixlab.evaluation.metrics import global_sdr, streamed_global_sdr
 from demixlab.models import SeparationModel
 from demixlab.release.repository import Bag, BagMember
-from demixlab.separation import Separator, apply_bag
+from demixlab.separation import Separator, apply_bag, apply_model, stream_model
 from demixlab.separation.output import prevent_clip, select_stems
 from demixlab.separation.streaming import stream_bag
 from tests.test_separate import SOURCES, repo, track  # noqa: F401  (fixtures)
@@ -84,6 +85,22 @@ def test_the_streamed_bag_is_the_in_memory_bag(length, options):
     expected = apply_bag(single, mixture, generator=torch.Generator().manual_seed(3), **options)
     streamed = list(stream_bag(single, _blocks(mixture), generator=torch.Generator().manual_seed(3), **options))
     assert torch.equal(torch.cat(streamed, dim=-1), expected)
+
+
+@pytest.mark.parametrize("length", [1, 57, 2345])
+@pytest.mark.parametrize("segment,overlap", [(100, 0.25), (40, 0.5), (None, 0.25)])
+def test_one_streamed_model_is_apply_model_and_its_global_sdr_is_the_same(length, segment, overlap):
+    mixture = torch.randn(1, 2, length, generator=torch.Generator().manual_seed(length))
+    model = Warp(13).eval()
+    expected = apply_model(model, mixture, segment=segment, overlap=overlap)
+    streamed = list(stream_model(model, _blocks(mixture), segment=segment, overlap=overlap))
+    assert torch.equal(torch.cat(streamed, dim=-1), expected)
+    references = torch.randn(2, 2, length, generator=torch.Generator().manual_seed(1))
+    blocks = (block[0] for block in stream_model(model, _blocks(mixture), segment=segment, overlap=overlap))
+    torch.testing.assert_close(streamed_global_sdr(references, blocks), global_sdr(references, expected[0]),
+                               rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="the estimate has"):
+        streamed_global_sdr(references, [expected[0, ..., :-1]])
 
 
 def test_stems_follow_the_input_with_a_lag_that_does_not_grow_with_its_length():

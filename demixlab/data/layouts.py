@@ -27,7 +27,7 @@ from ..audio import read_audio
 from ..errors import DemixError
 from .config import MoisesSpec, SlakhSpec
 from .scan import AUDIO_EXTENSIONS, MetadataCache, check_track_files
-from .tracks import Track
+from .tracks import Track, stack_sources
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class MappedTrack(Track):
 
     def read_sources(self, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Sum the files of every source (see :meth:`Track.read_sources`)."""
-        return np.stack([self.read_source(index, offset, frames) for index in range(len(self.sources))])
+        return stack_sources(self, offset, frames)
 
     def read_mixture(self, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Read the mixture file, or sum the sources when there is none."""

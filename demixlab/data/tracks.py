@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..audio import convert_audio, read_audio
+from ..errors import DemixError
 
 
 class Track(abc.ABC):
@@ -48,6 +49,22 @@ class Track(abc.ABC):
                 f"{self.samplerate} Hz, {self.channels} ch)")
 
 
+def stack_sources(track: Track, offset: int = 0, frames: int = -1) -> np.ndarray:
+    """`track.read_source` of every source, stacked (sources, channels, time) as each is read:
+    a full-length track never sits in memory twice (as a list of parts and their stack)."""
+    first = track.read_source(0, offset, frames)
+    stacked = np.empty((len(track.sources), *first.shape), dtype=np.float32)
+    stacked[0] = first
+    del first
+    for index in range(1, len(track.sources)):
+        part = track.read_source(index, offset, frames)
+        if part.shape != stacked.shape[1:]:
+            raise DemixError(f"track {track.name}: source {track.sources[index]} has shape {part.shape}, "
+                             f"expected {stacked.shape[1:]} like {track.sources[0]}")
+        stacked[index] = part
+    return stacked
+
+
 class StemsTrack(Track):
     """A track stored as one audio file per source, plus an optional mixture file.
 
@@ -68,7 +85,7 @@ class StemsTrack(Track):
 
     def read_sources(self, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Read every stem file (see :meth:`Track.read_sources`)."""
-        return np.stack([self.read_source(index, offset, frames) for index in range(len(self.sources))])
+        return stack_sources(self, offset, frames)
 
     def read_source(self, source: int, offset: int = 0, frames: int = -1) -> np.ndarray:
         """Read one stem file (silence for a source without one)."""

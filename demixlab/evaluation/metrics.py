@@ -38,13 +38,27 @@ def global_sdr(references: torch.Tensor, estimates: torch.Tensor, eps: float = G
     The energies are summed in float64, a block of samples at a time, so the memory used does
     not grow with the track's length.
     """
+    blocks = (estimates[..., start:start + _SDR_BLOCK] for start in range(0, estimates.shape[-1], _SDR_BLOCK))
+    return streamed_global_sdr(references, blocks, eps)
+
+
+def streamed_global_sdr(references: torch.Tensor, estimates: tp.Iterable[torch.Tensor],
+                        eps: float = GLOBAL_SDR_EPS) -> torch.Tensor:
+    """:func:`global_sdr` of (..., S, C, T) references against estimates that arrive as consecutive
+    (..., S, C, n) blocks (a streamed separation: the whole estimate never exists at once)."""
     signal = references.new_zeros(references.shape[:-2], dtype=torch.float64)
     error = torch.zeros_like(signal)
-    for start in range(0, references.shape[-1], _SDR_BLOCK):
-        reference = references[..., start:start + _SDR_BLOCK].double()
-        estimate = estimates[..., start:start + _SDR_BLOCK].to(reference.device).double()
-        signal += reference.pow(2).sum(dim=(-2, -1))
-        error += (reference - estimate).pow(2).sum(dim=(-2, -1))
+    position = 0
+    for block in estimates:
+        for start in range(0, block.shape[-1], _SDR_BLOCK):
+            estimate = block[..., start:start + _SDR_BLOCK]
+            reference = references[..., position:position + estimate.shape[-1]].double()
+            estimate = estimate.to(reference.device).double()
+            signal += reference.pow(2).sum(dim=(-2, -1))
+            error += (reference - estimate).pow(2).sum(dim=(-2, -1))
+            position += estimate.shape[-1]
+    if position != references.shape[-1]:
+        raise ValueError(f"the estimate has {position} samples, the references {references.shape[-1]}")
     return 10 * torch.log10((signal + eps) / (error + eps))
 
 

@@ -201,6 +201,25 @@ class _Pass:
             yield block[..., begin - base:end - base]
 
 
+def stream_model(model: SeparationModel, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optional[int],
+                 overlap: float = 0.25, batch_chunks: int = 1) -> tp.Iterator[torch.Tensor]:
+    """Separate a (B, C, T) mixture that arrives as consecutive (B, C, n) blocks with one model:
+    yields consecutive (B, S, C, n') blocks of the estimate, `T` samples in all.
+
+    The chunks, their padding and their blending are :func:`~demixlab.separation.chunking.apply_model`'s
+    (without shifts; `segment` in samples, None: the whole signal at once), so the blocks joined are its
+    estimate; only the chunks not yet blended and the input they still need are held.
+    """
+    if not 0 <= overlap < 1:
+        raise DemixError(f"overlap must be in [0, 1), got {overlap}")
+    check_batch_chunks(batch_chunks)
+    window = InputWindow(blocks)
+    one = _Pass(model, window, segment, overlap, jobs=1, batch_chunks=batch_chunks)
+    for block in one.run():
+        yield block
+        window.discard(one.needed_from)
+
+
 def stream_bag(bag: Bag, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optional[float] = None,
                split: bool = True, overlap: float = 0.25, shifts: int = 0, jobs: int = 1,
                generator: tp.Optional[torch.Generator] = None, batch_chunks: int = 1) -> tp.Iterator[torch.Tensor]:

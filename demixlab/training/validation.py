@@ -23,10 +23,10 @@ from dora.log import LogProgress
 from ..data import DataSplits
 from ..errors import DemixError
 from ..evaluation.loop import EvaluationResult, evaluate
-from ..evaluation.metrics import aggregate, global_sdr
+from ..evaluation.metrics import aggregate, global_sdr, streamed_global_sdr
 from ..models import SeparationModel
 from ..models.losses import Objective
-from ..separation import apply_model
+from ..separation import apply_model, stream_model
 from . import distrib
 from .config import TrainingConfig
 from .optim import ModelEMA, swapped_weights
@@ -127,7 +127,7 @@ class Validator:
                         if emas:
                             self.model.load_state_dict(states.get(name, raw))
                         chunks = self._track_losses(sources, loss_totals[name])
-                        sdr_totals[name] += global_sdr(sources, self.separate(mixture, shifts=0))
+                        sdr_totals[name] += self._track_sdr(mixture, sources)
                     loss_count += chunks
         finally:
             if emas:
@@ -183,11 +183,28 @@ class Validator:
             batch = chunks[start:start + self.batch_size].to(self.device)
             yield batch.sum(dim=1), batch
 
+    def _track_sdr(self, mixture: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """Global SDR per source of the model's estimate of one (C, T) track. The estimate is
+        streamed (chunk by chunk, as :meth:`separate` computes it) into the sums of the SDR, so
+        only the track's mixture and references are held, not a track-sized estimate too."""
+        frames = self.valid_frames
+        if frames is None:
+            return global_sdr(sources, self.separate(mixture, shifts=0))
+        blocks = (mixture[None, :, start:start + frames] for start in range(0, mixture.shape[-1], frames))
+        with self.autocast():
+            estimate = stream_model(self.model, blocks, segment=frames, overlap=self.config.valid.overlap)
+            return streamed_global_sdr(sources, (block[0].float() for block in estimate))
+
+    @property
+    def valid_frames(self) -> tp.Optional[int]:
+        """Samples per chunk when separating full tracks (`valid.segment`), None: whole tracks."""
+        segment = self.config.valid.segment
+        return None if segment is None else int(round(float(segment) * self.data.samplerate))
+
     def separate(self, mixture: torch.Tensor, shifts: int, generator: tp.Optional[torch.Generator] = None
                  ) -> torch.Tensor:
         """The model's (S, C, T) estimate of a (C, T) track, in chunks of `valid.segment` seconds."""
-        segment = self.config.valid.segment
-        frames = None if segment is None else int(round(float(segment) * self.data.samplerate))
+        frames = self.valid_frames
         with self.autocast():
             estimate = apply_model(self.model, mixture[None], segment=frames, overlap=self.config.valid.overlap,
                                    shifts=shifts, generator=generator)
