@@ -73,6 +73,7 @@ def _table(stdout: str, names: tp.Sequence[str], bag: str) -> tp.Dict[str, tp.Di
     return rows
 
 
+@pytest.mark.slow
 def test_blend_writes_a_bag_that_scores_as_printed_and_never_below_its_best_member(repo, cache_dir, capsys,
                                                                                     monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)

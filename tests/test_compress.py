@@ -33,6 +33,7 @@ def _relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
     return float((estimate - reference).norm() / reference.norm())
 
 
+@pytest.mark.slow
 def test_variants_of_a_model_file_separate_close_to_the_original(tmp_path, capsys):
     path = _model_file(tmp_path, "umx")
     mixture = 0.2 * torch.randn(2, 30000, generator=torch.Generator().manual_seed(2))

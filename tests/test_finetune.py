@@ -79,6 +79,7 @@ def test_frozen_parameters_are_unchanged_after_training(workdir, monkeypatch, ca
     assert f"trainable parameters: {total - fixed} of {total} (" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_lora_xp_trains_only_adapters_and_exports_a_family_standard_file(workdir, monkeypatch, caplog, tmp_path):
     caplog.set_level(logging.INFO, logger="demixlab")
     code, child = _run(workdir, monkeypatch, *LORA, "ema.decays=[0.5]")

@@ -71,6 +71,7 @@ def _resume_matches_an_uninterrupted_run(tmp_path: Path, run_in: tp.Callable[...
     return states[1]
 
 
+@pytest.mark.slow
 def test_emas_are_validated_selected_and_resumed_exactly(tmp_path, run_in, monkeypatch):
     checkpoint = _resume_matches_an_uninterrupted_run(tmp_path, run_in, monkeypatch,
                                                       [*RUN, "ema.decays=[0.5,0.9]"])
@@ -81,6 +82,7 @@ def test_emas_are_validated_selected_and_resumed_exactly(tmp_path, run_in, monke
     assert set(checkpoint["emas"]) == {"ema_0.5", "ema_0.9"}
 
 
+@pytest.mark.slow
 def test_float16_amp_on_the_cuda_path_resumes_exactly_with_its_loss_scale(tmp_path, run_in, monkeypatch):
     monkeypatch.setattr(solver_module, "AMP_DEVICES", ("cuda", "cpu"))
     checkpoint = _resume_matches_an_uninterrupted_run(tmp_path, run_in, monkeypatch,
@@ -96,6 +98,7 @@ def test_bfloat16_autocast_trains_through_the_amp_path(in_process, tmp_path, mon
     assert load_checkpoint(next((tmp_path / "outputs" / "xps").iterdir()))["grad_scaler"] == {}  # no scaler in bf16
 
 
+@pytest.mark.slow
 def test_persistent_loader_workers_draw_the_same_examples(tmp_path, run_in):
     histories = []
     for workers in (0, 2):
@@ -115,6 +118,7 @@ def _tensorboard_media(workdir: Path) -> tp.Tuple[tp.Dict[str, tp.List[tp.Any]],
     return ({tag: events.Audio(tag) for tag in tags["audio"]}, {tag: events.Images(tag) for tag in tags["images"]})
 
 
+@pytest.mark.slow
 def test_validation_audio_and_spectrograms_go_to_tensorboard_every_n_epochs_only_when_asked(tmp_path, run_in):
     args = [*RUN, "ema.decays=[0.5]"]  # the excerpt is separated by the epoch's best candidate
     assert run_in("media", *args, "valid.audio_every=2", "valid.audio_seconds=1.5") == 0
@@ -139,6 +143,7 @@ def test_validation_audio_and_spectrograms_go_to_tensorboard_every_n_epochs_only
     assert _without_durations(_history(tmp_path / "media")) == _without_durations(_history(tmp_path / "plain"))
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_training_after_patience_epochs_without_improvement(in_process, tmp_path):
     # The learning rate (constant here) as the metric: only the first epoch is ever the best.
     assert in_process(*RUN, "epochs=6", "best.metric=train.lr", "early_stop.patience=1") == 0

@@ -141,6 +141,7 @@ def test_separate_stream_gives_the_stems_of_separate_tensor(repo, samplerate, ch
         torch.testing.assert_close(torch.cat(stems[source], dim=-1), expected[source], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_command_writes_what_the_in_memory_path_writes(repo, track, tmp_path):  # noqa: F811
     resampled = tmp_path / "song48k.flac"
     wav, _ = load_audio_file(track)
