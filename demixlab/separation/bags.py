@@ -36,25 +36,41 @@ def apply_bag(bag: Bag, mixture: torch.Tensor, *, segment: tp.Optional[float] = 
     `batch_chunks` chunks run stacked in one forward pass (see :func:`~.chunking.apply_model`).
     """
     bag.build(_tensor_device(bag.members))
+
+    def estimates() -> tp.Iterator[tp.Tuple[BagMember, torch.Tensor]]:
+        for member in bag.members:
+            if member.active:
+                assert member.model is not None
+                yield member, apply_model(member.model, mixture, segment=chunk_frames(bag, member, segment, split),
+                                          overlap=overlap, shifts=shifts, generator=generator, progress=progress,
+                                          jobs=jobs, batch_chunks=batch_chunks)
+
+    # the first estimate becomes the output buffer: one track-sized buffer
+    return blend_estimates(bag, estimates(), in_place=True)
+
+
+def blend_estimates(bag: Bag, estimates: tp.Iterable[tp.Tuple[BagMember, torch.Tensor]], *,
+                    in_place: bool) -> torch.Tensor:
+    """The bag's (B, S, C, T) blend of its active members' (B, S', C, T) estimates: per source, the
+    mean of the members' estimates of it weighted by their weights (a member lacking it weighs 0).
+
+    `in_place`: the first estimate, when its sources are the bag's, is scaled in place and becomes
+    the output (it must not be used afterwards).
+    """
     output: tp.Optional[torch.Tensor] = None
-    for member in bag.members:
-        if not member.active:
-            continue
-        assert member.model is not None
-        frames = chunk_frames(bag, member, segment, split)
-        estimate = apply_model(member.model, mixture, segment=frames, overlap=overlap, shifts=shifts,
-                               generator=generator, progress=progress, jobs=jobs, batch_chunks=batch_chunks)
+    for member, estimate in estimates:
         member_sources = list(member.package["sources"])
-        if output is None and member_sources == bag.sources:  # reuse the estimate: one track-sized buffer
-            output = estimate.mul_(torch.tensor(member.weights, dtype=estimate.dtype)[:, None, None])
+        if output is None and member_sources == bag.sources:
+            weights = torch.tensor(member.weights, dtype=estimate.dtype)[:, None, None]
+            output = estimate.mul_(weights) if in_place else estimate.mul(weights)
             continue
         if output is None:
-            output = torch.zeros(mixture.shape[0], len(bag.sources), *estimate.shape[2:])
+            output = torch.zeros(estimate.shape[0], len(bag.sources), *estimate.shape[2:])
         for index, source in enumerate(bag.sources):
             weight = member.weights[index]
             if weight > 0:
                 output[:, index] += weight * estimate[:, member_sources.index(source)]
-        del estimate
+        del estimate  # before the next member's estimate is computed
     assert output is not None  # the bag's validation guarantees a positive total weight per source
     total = torch.tensor([sum(member.weights[index] for member in bag.members)
                           for index in range(len(bag.sources))], dtype=output.dtype)

@@ -17,7 +17,7 @@ import torch
 from ..errors import DemixError
 from ..models import SeparationModel
 from ..release.repository import Bag
-from .bags import chunk_frames
+from .bags import blend_estimates, chunk_frames
 from .chunking import _model_device, check_batch_chunks, run_batch
 
 
@@ -292,27 +292,19 @@ def take_samples(blocks: tp.Deque[torch.Tensor], count: int,
 
 def _combine(bag: Bag, estimates: tp.Sequence[tp.Tuple[tp.Any, tp.Sequence[torch.Tensor]]]) -> torch.Tensor:
     """Blend the members' estimates of one stretch as apply_bag does (shifts averaged first)."""
-    output: tp.Optional[torch.Tensor] = None
+    return blend_estimates(bag, _shift_means(estimates), in_place=False)
+
+
+def _shift_means(estimates: tp.Sequence[tp.Tuple[tp.Any, tp.Sequence[torch.Tensor]]]
+                 ) -> tp.Iterator[tp.Tuple[tp.Any, torch.Tensor]]:
+    """Each member's estimate: the mean of its shifted passes' estimates."""
     for member, shifted in estimates:
         estimate = shifted[0].clone() if len(shifted) > 1 else shifted[0]
         for other in shifted[1:]:
             estimate.add_(other)
         if len(shifted) > 1:
             estimate.div_(len(shifted))
-        member_sources = list(member.package["sources"])
-        if output is None and member_sources == bag.sources:
-            output = estimate.mul(torch.tensor(member.weights, dtype=estimate.dtype)[:, None, None])
-            continue
-        if output is None:
-            output = torch.zeros(estimate.shape[0], len(bag.sources), *estimate.shape[2:])
-        for index, source in enumerate(bag.sources):
-            weight = member.weights[index]
-            if weight > 0:
-                output[:, index] += weight * estimate[:, member_sources.index(source)]
-    assert output is not None
-    total = torch.tensor([sum(member.weights[index] for member in bag.members)
-                          for index in range(len(bag.sources))], dtype=output.dtype)
-    return output.div_(total[:, None, None])
+        yield member, estimate
 
 
 def _bag_device(bag: Bag) -> torch.device:
