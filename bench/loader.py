@@ -9,7 +9,9 @@ MUSDB-like recipes: HTDemucs (10 s + 1 s of shift) and Open-Unmix (6 s). Each ro
 configuration: plain reading, unaligned mixing, then each effect at probability 1 (the cost
 when it is drawn; at probability p a worker pays about p times that on top of plain reading),
 then the demucs repitch recipe (pitch/tempo at probability 0.2). Printed: examples per second
-and milliseconds per example of ONE process. With --step-ms (a measured training step time for
+and milliseconds per example of ONE process. Then MUSDB18 ``.stem.mp4`` reading: the same two
+tracks AAC-encoded (stempeg), plain examples read through musdb (one ffmpeg process per stem
+per example, before) and from the WAV cache they are decoded into once (after), side by side. With --step-ms (a measured training step time for
 the recipe's batch size), the number of workers that keep up with it is printed as well:
 workers = batch_size / (examples per second x step seconds).
 """
@@ -23,6 +25,8 @@ import numpy as np
 import soundfile as sf
 
 from demixlab.data import SegmentDataset
+from demixlab.data.musdb_cache import load_decoded_musdb
+from demixlab.data.musdb_tracks import load_musdb_folder
 from demixlab.data.scan import scan_stems_folder
 from demixlab.training.effects import (CodecConfig, DistortionConfig, EqConfig, ExampleEffects, PitchTempoConfig,
                                        ReverbConfig)
@@ -51,6 +55,30 @@ def write_tracks(root: Path, minutes: float) -> Path:
     return folder
 
 
+def write_stem_files(folder: Path, root: Path) -> Path:
+    """The tracks of `folder` as MUSDB18 ``.stem.mp4`` files (AAC) in ``root/train``."""
+    import stempeg
+
+    for track in sorted(folder.iterdir()):
+        path = root / "train" / f"{track.name}.stem.mp4"
+        if path.exists():
+            continue
+        stems = np.stack([sf.read(str(track / f"{source}.wav"), dtype="float32")[0] for source in SOURCES])
+        data = np.concatenate([stems.sum(0, keepdims=True), stems])  # (5, time, channels)
+        stempeg.write_stems(str(path), data, sample_rate=SR,
+                            writer=stempeg.StreamsWriter(codec="aac", stem_names=["mixture", *SOURCES]))
+    return root
+
+
+def examples_per_second(dataset: SegmentDataset, examples: int) -> float:
+    """Examples per second of one process reading `dataset` (after one warm-up example)."""
+    dataset[(0, 0)]
+    begin = time.perf_counter()
+    for index in range(1, examples + 1):
+        dataset[(1, index % len(dataset))]
+    return examples / (time.perf_counter() - begin)
+
+
 def effects(**options) -> ExampleEffects:
     configs = {"pitch_tempo": PitchTempoConfig, "codec": CodecConfig, "eq": EqConfig, "reverb": ReverbConfig,
                "distortion": DistortionConfig}
@@ -76,6 +104,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=2.0, help="length of each generated track")
     parser.add_argument("--recipes", default="htdemucs,umx")
     parser.add_argument("--step-ms", type=float, default=0.0, help="a measured training step time (ms)")
+    parser.add_argument("--musdb", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time MUSDB18 .stem.mp4 reading, musdb decode vs WAV cache (needs ffmpeg)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "demixlab-bench-loader"))
     args = parser.parse_args()
     folder = write_tracks(Path(args.workdir), args.minutes)
@@ -89,15 +119,23 @@ def main() -> None:
             transform = effects(**options)
             dataset = SegmentDataset(tracks, frames, args.examples, seed=0, unaligned=unaligned,
                                      transform=transform if transform.active else None)
-            dataset[(0, 0)]  # warm-up: file handles, pedalboard's first call
-            begin = time.perf_counter()
-            for index in range(1, args.examples + 1):
-                dataset[(1, index % len(dataset))]
-            per_example = (time.perf_counter() - begin) / args.examples
+            per_example = 1 / examples_per_second(dataset, args.examples)  # after a warm-up example
             line = f"{name:<26} {1 / per_example:>11.2f} {1000 * per_example:>11.1f}"
             if args.step_ms:
                 line += f"  {math.ceil(batch * per_example / (args.step_ms / 1000)):>7d}"
             print(line, flush=True)
+    if args.musdb:
+        root = write_stem_files(folder, Path(args.workdir) / f"musdb_{args.minutes:g}min")
+        begin = time.perf_counter()
+        decoded = load_decoded_musdb(root, "train", SOURCES, Path(args.workdir) / "cache", progress=False)
+        print(f"\nMUSDB18 .stem.mp4 ({len(decoded)} tracks of {args.minutes:g} min; WAV cache decoded or "
+              f"checked in {time.perf_counter() - begin:.1f} s)")
+        print(f"{'recipe':<10} {'musdb decode ex/s':>18} {'WAV cache ex/s':>15} {'speed-up':>9}")
+        for recipe in args.recipes.split(","):
+            frames = int(round(RECIPES[recipe][0] * SR))
+            rates = [examples_per_second(SegmentDataset(tracks, frames, args.examples, seed=0), args.examples)
+                     for tracks in (load_musdb_folder(root, "train", SOURCES), decoded)]
+            print(f"{recipe:<10} {rates[0]:>18.2f} {rates[1]:>15.2f} {rates[1] / rates[0]:>8.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Tests of ``dset.kind=musdb`` on a tiny MUSDB18-like folder of ``.stem.mp4`` files.
 
+Training reads the files' WAV cache (decoded once, :mod:`demixlab.data.musdb_cache`); musdb's own
+decode (:class:`MusdbTrack`) is the reference it must equal.
+
 The files are written with stempeg's StreamsWriter (AAC; MP4Box is not needed). musdb's own
 ``split="valid"`` only knows the real MUSDB18 track names, so demixlab loads ``subsets="train"``
 without a split and holds out ``dset.valid_tracks`` by name: the tiny dataset lists its own
 track name there.
 """
+import os
 import pickle
 import shutil
+import subprocess
 import typing as tp
 from pathlib import Path
 
@@ -15,8 +20,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from demixlab.data import DataSplits, build_datasets
-from demixlab.data.musdb_tracks import MusdbTrack
-from demixlab.data.tracks import ConvertedTrack
+from demixlab.data import musdb_cache
+from demixlab.data.musdb_cache import DecodedStemFile
+from demixlab.data.musdb_tracks import load_musdb_folder
+from demixlab.data.tracks import ConvertedTrack, StemsTrack
 from demixlab.errors import DemixError
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
@@ -69,7 +76,7 @@ def test_reads_stem_mp4_tracks(musdb_root, tmp_path):
     assert [track.name for track in data.valid.tracks] == ["Artist B - Song"]
     assert [track.name for track in data.test.tracks] == ["Artist C - Song"]
     track = data.valid.tracks[0]
-    assert isinstance(track, MusdbTrack)
+    assert isinstance(track, StemsTrack)
     assert (track.frames, track.samplerate, track.channels) == (FRAMES, SR, 2)
 
     name, mixture, sources = data.valid[0]
@@ -121,3 +128,64 @@ def test_error_corrupt_stem_file(musdb_root, tmp_path):
     bad.write_bytes(b"\x00\x01garbage" * 100)
     with pytest.raises(DemixError, match="Artist Z - Broken.stem.mp4: not a readable"):
         build(root, tmp_path)
+
+
+@pytest.fixture
+def decode_calls(monkeypatch) -> tp.List[tp.List[str]]:
+    """The ffmpeg command lines the WAV cache runs (they still run)."""
+    calls: tp.List[tp.List[str]] = []
+    run = subprocess.run
+
+    def counting_run(command, *args, **kwargs):
+        calls.append(list(command))
+        return run(command, *args, **kwargs)
+
+    monkeypatch.setattr(musdb_cache.subprocess, "run", counting_run)
+    return calls
+
+
+def test_wav_cache_equals_musdb_decode(musdb_root, tmp_path, decode_calls):
+    data = build(musdb_root, tmp_path, valid_tracks=["Artist A - Song"])
+    assert len(decode_calls) == 3  # one ffmpeg call per file, all five streams at once
+    references = {track.name: track for subset in ("train", "test")
+                  for track in load_musdb_folder(musdb_root, subset, SOURCES)}
+    for track in [*data.train.tracks, *data.valid.tracks, *data.test.tracks]:
+        reference = references[track.name]
+        assert track.frames == reference.frames == FRAMES
+        # Same decoder and the same 16-bit PCM as musdb: equal samples, whole or in segments.
+        np.testing.assert_array_equal(track.read_sources(), reference.read_sources())
+        np.testing.assert_array_equal(track.read_mixture(), reference.read_mixture())
+        np.testing.assert_array_equal(track.read_sources(13230, 4410), reference.read_sources(13230, 4410))
+
+
+def test_second_load_reads_the_cache_without_ffmpeg(musdb_root, tmp_path, decode_calls, monkeypatch):
+    first = build(musdb_root, tmp_path)
+    assert len(decode_calls) == 3
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no ffmpeg, no ffprobe
+    monkeypatch.setattr(musdb_cache, "probe_stem_file", lambda path: pytest.fail(f"probed {path}"))
+    second = build(musdb_root, tmp_path)
+    assert len(decode_calls) == 3
+    np.testing.assert_array_equal(second.valid.tracks[0].read_sources(), first.valid.tracks[0].read_sources())
+    assert second.train[0].shape == (4, 2, 4410)
+
+
+def test_changed_file_is_decoded_again(musdb_root, tmp_path, decode_calls):
+    root = tmp_path / "copy"
+    shutil.copytree(musdb_root, root)
+    build(root, tmp_path)
+    changed = root / "train" / "Artist A - Song.stem.mp4"
+    stat = changed.stat()
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    build(root, tmp_path)
+    assert len(decode_calls) == 4 and str(changed.absolute()) in decode_calls[-1]
+    assert DecodedStemFile(tmp_path / "cache", changed).lookup() is not None
+
+
+def test_failed_decode_leaves_no_entry(musdb_root, tmp_path, monkeypatch):
+    failed = subprocess.CompletedProcess([], 1, "", "Error while decoding stream #0:1")
+    monkeypatch.setattr(musdb_cache.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(DemixError, match=r"Artist A - Song.stem.mp4: ffmpeg cannot decode it \(Error while"):
+        build(musdb_root, tmp_path)
+    entry = DecodedStemFile(tmp_path / "cache", musdb_root / "train" / "Artist A - Song.stem.mp4")
+    assert entry.lookup() is None
+    assert not entry.folder.exists() or not any(entry.folder.iterdir())  # no WAV file, complete or partial

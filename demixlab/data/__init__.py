@@ -1,16 +1,17 @@
 """Data: from a dataset's options to training, validation and test datasets.
 
 Owns the `dset` schema (:mod:`.config`), reading and checking audio tracks (:mod:`.tracks`,
-:mod:`.scan`, :mod:`.musdb_tracks`), choosing validation tracks (:mod:`.splits`), the PyTorch
-datasets (:mod:`.datasets`) and the built-in synthetic dataset (:mod:`.toy`). Imports only the
-base modules (errors, files, audio).
+:mod:`.scan`, :mod:`.musdb_tracks`, :mod:`.musdb_cache`), choosing validation tracks
+(:mod:`.splits`), the PyTorch datasets (:mod:`.datasets`) and the built-in synthetic dataset
+(:mod:`.toy`). Imports only the base modules (errors, files, audio).
 
 Dataset kinds (``dset.kind``):
 
 - ``stems``: ``ROOT/{train,valid,test}/TRACK/SOURCE.<ext>`` (any format soundfile reads) with an
   optional ``mixture.<ext>``; without ``valid/``, ``dset.valid_tracks`` names the tracks held out
   of ``train/`` (``musdb``: the 14 official MUSDB18 validation tracks).
-- ``musdb``: MUSDB18 ``.stem.mp4`` files in ``ROOT/{train,test}``, read through the musdb package.
+- ``musdb``: MUSDB18 ``.stem.mp4`` files in ``ROOT/{train,test}``, decoded once into WAV files
+  under ``<cache_dir>/musdb`` (:mod:`.musdb_cache`) and read from there.
 - ``toy``: a synthetic dataset generated once under the cache directory, then read as ``stems``.
 - ``moisesdb``, ``slakh``: MoisesDB and Slakh2100 in their own layouts, stem categories grouped
   into ``dset.sources`` (:mod:`.layouts`).
@@ -36,7 +37,7 @@ from ..errors import DemixError
 from .config import DatasetConfig
 from .datasets import ExampleTransform, SegmentDataset, TrackDataset, WeightedSegments
 from .layouts import SLAKH_SPLITS, scan_moisesdb, scan_slakh, split_moisesdb
-from .musdb_tracks import load_musdb_folder
+from .musdb_cache import load_decoded_musdb
 from .scan import scan_stems_folder
 from .splits import hold_out, valid_track_names
 from .tracks import Track, conform
@@ -275,7 +276,7 @@ def _read_split(dset: DatasetConfig, root: Path, split: str, cache_dir: Path, pr
     sources = list(dset.sources or [])
     silent = dset.missing == "silent"
     if dset.kind == "musdb":
-        return list(load_musdb_folder(root, split, sources, allow_missing=silent))
+        return list(load_decoded_musdb(root, split, sources, cache_dir, allow_missing=silent, progress=progress))
     if dset.kind == "slakh":
         assert dset.slakh is not None  # DatasetConfig sets the defaults
         folder = _split_folder(root, SLAKH_SPLITS[split])

@@ -1,5 +1,9 @@
 """MUSDB18 (``.stem.mp4``) tracks, read through the musdb package.
 
+Training reads MUSDB18 from WAV files decoded once (:mod:`.musdb_cache`); :class:`MusdbTrack`
+decodes every read with musdb/stempeg (one ffmpeg process per stream and read), which is kept as
+the reference the cache is tested against and for the loader benchmark.
+
 musdb is imported lazily: importing it (through stempeg) fails unless ffmpeg is on PATH.
 Splits are loaded with ``musdb.DB(subsets=..., split=None)``; validation tracks are then held
 out by name (see :mod:`demixlab.data.splits`) instead of with musdb's ``split="valid"``, which
@@ -24,7 +28,7 @@ def import_musdb() -> tp.Any:
     try:
         import musdb  # noqa: PLC0415 - lazy on purpose: it needs ffmpeg
     except Exception as error:  # stempeg raises RuntimeError at import time without ffmpeg
-        raise DemixError(f"dset.kind=musdb needs the musdb package and ffmpeg on PATH ({_short(error)})") from None
+        raise DemixError(f"dset.kind=musdb needs the musdb package and ffmpeg on PATH ({short_error(error)})") from None
     return musdb
 
 
@@ -67,7 +71,7 @@ class MusdbTrack(Track):
         try:
             arrays = [stream.audio for stream in streams] if length else []
         except Exception as error:
-            raise DemixError(f"{self.path}: cannot decode ({_short(error)})") from None
+            raise DemixError(f"{self.path}: cannot decode ({short_error(error)})") from None
         finally:
             self.track.chunk_start, self.track.chunk_duration = 0, None
         out = np.zeros((len(streams), self.channels, length), dtype=np.float32)
@@ -100,18 +104,18 @@ def load_musdb_folder(root: Path, subset: str, sources: tp.Sequence[str],
         database = musdb.DB(root=str(root), subsets=subset, split=None, is_wav=False)
     except Exception as error:  # ffprobe errors do not say which file failed: find it
         _raise_for_bad_file(folder)
-        raise DemixError(f"{folder}: musdb cannot load this folder ({_short(error)})") from None
+        raise DemixError(f"{folder}: musdb cannot load this folder ({short_error(error)})") from None
     if not database.tracks:
         raise DemixError(f"{folder}: no .stem.mp4 files (expected {folder}/ARTIST - TITLE.stem.mp4)")
     tracks = []
     for track in database.tracks:
-        _check_streams(Path(track.path), track.info)
+        check_streams(Path(track.path), track.info)
         tracks.append(MusdbTrack(track, sources))
     return tracks
 
 
-def _check_streams(path: Path, info: tp.Any) -> None:
-    """All five streams present, with one sample rate and channel count."""
+def check_streams(path: Path, info: tp.Any) -> None:
+    """All five streams of a stempeg ``Info`` present, with one sample rate and channel count."""
     if info.nb_audio_streams < len(STEM_IDS):
         raise DemixError(f"{path}: {info.nb_audio_streams} audio stream(s), a MUSDB18 stem file has "
                          f"{len(STEM_IDS)} (mixture, drums, bass, other, vocals)")
@@ -130,9 +134,10 @@ def _raise_for_bad_file(folder: Path) -> None:
         try:
             stempeg.Info(str(path))
         except Exception as error:
-            raise DemixError(f"{path}: not a readable .stem.mp4 ({_short(error)})") from None
+            raise DemixError(f"{path}: not a readable .stem.mp4 ({short_error(error)})") from None
 
 
-def _short(error: Exception) -> str:
+def short_error(error: Exception) -> str:
+    """The first line of an exception's message (its type when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
