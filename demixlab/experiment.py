@@ -173,6 +173,7 @@ NEUTRAL_DEFAULTS: tp.Dict[str, tp.Any] = {
     "dset.extra": [],
     "dset.unaligned": 0.0,
     "dset.missing": "refuse",
+    "dset.moisesdb.length_tolerance": 2.0,
     "finetune.freeze": [],
 }
 NEUTRAL_SECTIONS = ("augment.pitch_tempo", "augment.codec", "augment.eq", "augment.reverb", "augment.distortion")

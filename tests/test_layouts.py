@@ -172,10 +172,34 @@ def test_moisesdb_errors(tmp_path):
     expect_error(lambda: build(moises_config(root, valid_tracks=["0a-song"]), tmp_path), "dset.valid_tracks",
                  "dset.moisesdb.valid")
     sf.write(root / "provider" / "4e-song" / "drums" / "d2.wav", np.zeros((FRAMES - 8, 2)), SR)
-    expect_error(lambda: build(moises_config(root), tmp_path), str(root / "provider" / "4e-song" / "drums" / "d2.wav"),
-                 str(FRAMES - 8), "same length", "drums/d1.wav")
+    expect_error(lambda: build(moises_config(root, moisesdb={"length_tolerance": 0}), tmp_path),
+                 str(root / "provider" / "4e-song" / "drums" / "d2.wav"), str(FRAMES - 8), "same length", "drums/d1.wav")
     (root / "provider" / "3d-song" / "data.json").unlink()
     expect_error(lambda: build(moises_config(root), tmp_path), str(root / "provider" / "3d-song"), "no data.json")
+
+
+def test_moisesdb_stems_of_slightly_different_lengths_are_trimmed(tmp_path, caplog):
+    root = tmp_path / "moisesdb"
+    written = write_moisesdb(root)
+    short = written["4e-song"]["g1"][:, :FRAMES - 400]  # 0.05 s shorter
+    sf.write(root / "provider" / "4e-song" / "guitar" / "g1.wav", short.T, SR, subtype="FLOAT")
+    with caplog.at_level("WARNING"):
+        data = build(moises_config(root, moisesdb={"length_tolerance": 0.1}), tmp_path)
+    warnings = [record.getMessage() for record in caplog.records if "4e-song" in record.getMessage()]
+    assert len(warnings) == 1 and "0.050 s" in warnings[0] and "dset.moisesdb.length_tolerance=0.1" in warnings[0]
+    track = next(track for track in data.train.tracks if track.name == "4e-song")
+    assert track.frames == FRAMES - 400
+    sources = sources_of(track)
+    assert sources["other"].shape == (2, FRAMES - 400)  # the longer files are cut to the shortest
+    np.testing.assert_allclose(sources["drums"], (written["4e-song"]["d1"] + written["4e-song"]["d2"])[:, :FRAMES - 400],
+                               atol=1e-6)
+    np.testing.assert_allclose(sources["other"], short, atol=1e-6)
+    assert data.train[len(data.train) - 1].shape == (4, 2, 400)
+    # Beyond the tolerance: the one-line error names the short file, the long one and the option.
+    expect_error(lambda: build(moises_config(root, moisesdb={"length_tolerance": 0.04}), tmp_path),
+                 str(root / "provider" / "4e-song" / "guitar" / "g1.wav"), "0.05 s fewer than", "drums/d1.wav",
+                 "dset.moisesdb.length_tolerance=0.04 s")
+    expect_error(lambda: MoisesSpec(length_tolerance=-1), "dset.moisesdb.length_tolerance=-1")
 
 
 def test_moisesdb_broken_json_and_missing_file(tmp_path):

@@ -34,6 +34,8 @@ class MoisesSpec:
             left out of the examples and the mixture).
         valid, test: a fraction of the tracks, or a list of track folder names.
         seed: the seed of the ratio split.
+        length_tolerance: seconds by which the stem files of a track may differ in length (some
+            MoisesDB tracks do, by up to about 1.3 s); such tracks are read at the shortest length.
     """
 
     mapping: tp.Optional[tp.Dict[str, tp.Optional[str]]] = None  # null: no entries
@@ -41,9 +43,12 @@ class MoisesSpec:
     valid: tp.Any = 0.1
     test: tp.Any = 0.1
     seed: int = 0
+    length_tolerance: float = 2.0
 
     def __post_init__(self) -> None:
         self.mapping = _check_mapping("dset.moisesdb.mapping", self.mapping)
+        if not self.length_tolerance >= 0:
+            raise DemixError(f"dset.moisesdb.length_tolerance={self.length_tolerance}: expected seconds >= 0")
         for key in ("valid", "test"):
             value = getattr(self, key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -185,7 +185,9 @@ def _read_moises_json(track_dir: Path) -> tp.List[tp.Tuple[str, str, Path]]:
 
 def scan_moisesdb(root: Path, spec: MoisesSpec, sources: tp.Sequence[str], cache_dir: Path,
                   missing: str = "refuse", progress: bool = True) -> tp.List[MappedTrack]:
-    """Check and list every track of a MoisesDB folder, its stems grouped into `sources`."""
+    """Check and list every track of a MoisesDB folder, its stems grouped into `sources`; a
+    track whose files differ in length by up to ``spec.length_tolerance`` seconds is read at the
+    shortest length (as the moisesdb package trims them), with a warning."""
     root = root.absolute()
     mapping = moises_map(spec, sources)
     track_dirs = find_moises_tracks(root)
@@ -202,7 +204,8 @@ def scan_moisesdb(root: Path, spec: MoisesSpec, sources: tp.Sequence[str], cache
         if not any(parts[track_dir].values()):
             raise DemixError(f"{track_dir}: none of its stems maps to {', '.join(sources)}")
     shapes = check_track_files({track_dir: [file for _, _, file in files] for track_dir, files in listed.items()},
-                               MetadataCache.for_folder(cache_dir, root), root.name, progress)
+                               MetadataCache.for_folder(cache_dir, root), root.name, progress,
+                               length_tolerance=spec.length_tolerance, tolerance_key="dset.moisesdb.length_tolerance")
     return [MappedTrack(track_dir.name, parts[track_dir], None, shapes[track_dir].samplerate,
                         shapes[track_dir].channels, shapes[track_dir].frames) for track_dir in track_dirs]
 

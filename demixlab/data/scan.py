@@ -155,20 +155,32 @@ CONSISTENCY_CHECKS: tp.Tuple[tp.Tuple[tp.Callable[[AudioInfo], int], str], ...] 
 )
 
 
-def check_track_consistency(infos: tp.Dict[Path, AudioInfo]) -> AudioInfo:
+def check_track_consistency(infos: tp.Dict[Path, AudioInfo], length_tolerance: float = 0.0,
+                            tolerance_key: str = "") -> AudioInfo:
     """Check that all files of a track share rate, channel count and length; return that shape.
 
     Each value is compared with the most common one, so that the odd file out is the one named.
+    With a `length_tolerance` (seconds; `tolerance_key` names its option in errors), lengths may
+    differ by up to that much and the shape has the shortest one.
     """
-    for key, message in CONSISTENCY_CHECKS:
+    top = Path(os.path.commonpath([str(path.parent) for path in infos]))
+    for key, message in CONSISTENCY_CHECKS[:2] if length_tolerance else CONSISTENCY_CHECKS:
         ref = Counter(key(info) for info in infos.values()).most_common(1)[0][0]
         ref_path = next(path for path, info in infos.items() if key(info) == ref)
-        top = Path(os.path.commonpath([str(path.parent) for path in infos]))
         for path, info in infos.items():
             if key(info) != ref:
                 raise DemixError(message.format(path=path, value=key(info), ref=ref,
                                                 ref_name=ref_path.relative_to(top).as_posix()))
-    return next(iter(infos.values()))
+    shortest = min(infos, key=lambda path: infos[path].frames)
+    if not length_tolerance:
+        return infos[shortest]
+    longest = max(infos, key=lambda path: infos[path].frames)
+    difference = (infos[longest].frames - infos[shortest].frames) / infos[shortest].samplerate
+    if difference > length_tolerance:
+        raise DemixError(f"{shortest}: {infos[shortest].frames} frames, {difference:.2f} s fewer than "
+                         f"{longest.relative_to(top).as_posix()} in the same track, more than "
+                         f"{tolerance_key}={length_tolerance:g} s")
+    return infos[shortest]
 
 
 def track_files(stems: tp.Dict[str, Path], mixture: tp.Optional[Path]) -> tp.List[Path]:
@@ -177,12 +189,15 @@ def track_files(stems: tp.Dict[str, Path], mixture: tp.Optional[Path]) -> tp.Lis
 
 
 def check_track_files(groups: tp.Mapping[tp.Any, tp.Sequence[Path]], cache: "MetadataCache", label: str,
-                      progress: bool = True) -> tp.Dict[tp.Any, AudioInfo]:
+                      progress: bool = True, length_tolerance: float = 0.0,
+                      tolerance_key: str = "") -> tp.Dict[tp.Any, AudioInfo]:
     """Check the audio files of several tracks (`groups`: track key -> its files) and return each
     track's shape (rate, channels, length shared by its files).
 
     Headers first (cached ones are not reopened), then consistency within each track, then the
     full read of the files the cache does not know; the cache is saved even when a check fails.
+    With a `length_tolerance` (seconds, see :func:`check_track_consistency`), a track whose files
+    differ in length by up to that much gets the shortest length, with a warning naming it.
     """
     try:
         headers: tp.Dict[Path, AudioInfo] = {}
@@ -193,8 +208,17 @@ def check_track_files(groups: tp.Mapping[tp.Any, tp.Sequence[Path]], cache: "Met
                 if cached is None:
                     unchecked.append(path)
                 headers[path] = cached or audio_info(path)
-        shapes = {key: check_track_consistency({path: headers[path] for path in files})
-                  for key, files in groups.items() if files}
+        shapes = {}
+        for key, files in groups.items():
+            if not files:
+                continue
+            shapes[key] = check_track_consistency({path: headers[path] for path in files}, length_tolerance,
+                                                  tolerance_key)
+            longest = max(headers[path].frames for path in files)
+            if longest != shapes[key].frames:
+                logger.warning("%s: its files differ in length by up to %.3f s (within %s=%g s); read as %d "
+                               "frames, the shortest", key, (longest - shapes[key].frames) / shapes[key].samplerate,
+                               tolerance_key, length_tolerance, shapes[key].frames)
         bar = tqdm(unchecked, desc=f"checking {label}", unit="file", disable=not progress or not unchecked,
                    leave=False, dynamic_ncols=True)
         for path in bar:
