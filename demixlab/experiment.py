@@ -174,6 +174,7 @@ NEUTRAL_DEFAULTS: tp.Dict[str, tp.Any] = {
     "dset.unaligned": 0.0,
     "dset.missing": "refuse",
     "dset.moisesdb.length_tolerance": 2.0,
+    "dset.slakh.valid_tracks": None,
     "finetune.freeze": [],
 }
 NEUTRAL_SECTIONS = ("augment.pitch_tempo", "augment.codec", "augment.eq", "augment.reverb", "augment.distortion")

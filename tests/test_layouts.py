@@ -1,6 +1,7 @@
 """MoisesDB and Slakh2100 layouts on tiny datasets the tests write in each layout."""
 import json
 import os
+import shutil
 import sys
 import typing as tp
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from demixlab.data import DatasetConfig, build_datasets, build_test_split
+from demixlab.data import DatasetConfig, build_datasets, build_test_split, build_valid_split
 from demixlab.data import scan as scan_module
 from demixlab.data.config import MoisesSpec, SlakhSpec
 from demixlab.data.layouts import MappedTrack
@@ -292,6 +293,29 @@ def test_slakh_mapping_left_out_classes_and_stereo_conversion(tmp_path):
     np.testing.assert_allclose(mixture.numpy(), stems.sum(0).numpy(), atol=1e-6)
     np.testing.assert_allclose(stems[1, 0].numpy(), written["Track01876"]["S00"][0], atol=1e-6)
     assert valid.channels == 2
+
+
+def test_slakh_valid_tracks_is_a_stable_subset(tmp_path):
+    root = tmp_path / "slakh"
+    write_slakh(root)
+    names = [f"Track{number:05d}" for number in range(1501, 1511)]
+    for name in names[1:]:
+        shutil.copytree(root / "validation" / "Track01501", root / "validation" / name)
+    assert [t.name for t in build(slakh_config(root), tmp_path).valid.tracks] == names  # null: all
+    chosen = [t.name for t in build(slakh_config(root, slakh={"valid_tracks": 3}), tmp_path).valid.tracks]
+    assert len(chosen) == 3 and chosen == sorted(chosen) and chosen != names[:3]  # not simply the first ones
+    # The same tracks in every build (each epoch and resume builds the datasets again), in the
+    # split blend and evaluation use, and after removing a track that was not chosen.
+    assert [t.name for t in build(slakh_config(root, slakh={"valid_tracks": 3}), tmp_path).valid.tracks] == chosen
+    split = build_valid_split(slakh_config(root, slakh={"valid_tracks": 3}), samplerate=SR, channels=1,
+                              base_dir=tmp_path, cache_dir=tmp_path / "cache")
+    assert [t.name for t in split.dataset.tracks] == chosen
+    shutil.rmtree(root / "validation" / next(name for name in names if name not in chosen))
+    data = build(slakh_config(root, slakh={"valid_tracks": 3}), tmp_path)
+    assert [t.name for t in data.valid.tracks] == chosen
+    assert [t.name for t in data.test.tracks] == ["Track01876"]  # the test split stays whole
+    assert len(build(slakh_config(root, slakh={"valid_tracks": 50}), tmp_path).valid.tracks) == 9
+    expect_error(lambda: SlakhSpec(valid_tracks=0), "dset.slakh.valid_tracks=0", "null for all")
 
 
 def test_slakh_errors(tmp_path):

@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..errors import DemixError
 from .config import DatasetConfig
 from .datasets import ExampleTransform, SegmentDataset, TrackDataset, WeightedSegments
-from .layouts import SLAKH_SPLITS, scan_moisesdb, scan_slakh, split_moisesdb
+from .layouts import SLAKH_SPLITS, scan_moisesdb, scan_slakh, split_moisesdb, stable_subset
 from .musdb_cache import load_decoded_musdb
 from .scan import scan_stems_folder
 from .splits import hold_out, valid_track_names
@@ -168,6 +168,11 @@ def _read_splits(dset: DatasetConfig, root: Path, cache_dir: Path, progress: boo
         if train_only:
             return train, [], None
         valid = _read_split(dset, root, "valid", cache_dir, progress)
+        assert dset.slakh is not None  # DatasetConfig sets the defaults
+        if dset.slakh.valid_tracks is not None and dset.slakh.valid_tracks < len(valid):
+            logger.info("validating on %d of the %d tracks of %s (dset.slakh.valid_tracks)", dset.slakh.valid_tracks,
+                        len(valid), root / SLAKH_SPLITS["valid"])
+            valid = stable_subset(valid, dset.slakh.valid_tracks)
         test = _read_split(dset, root, "test", cache_dir, progress) if with_test and (root / "test").is_dir() else None
         return train, valid, test
     train_folder = _split_folder(root, "train")

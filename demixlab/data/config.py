@@ -71,13 +71,20 @@ class SlakhSpec:
             Bass, Guitar and Piano go to the source of that name when there is one).
         rest: the source of every stem the mapping and defaults leave unassigned (null: left
             out).
+        valid_tracks: validate on this many of the validation tracks (null: all; the full set has 375), the same
+            ones in every epoch, run and resume (:func:`demixlab.data.layouts.stable_subset`).
     """
 
     mapping: tp.Optional[tp.Dict[str, tp.Optional[str]]] = None  # null: no entries
     rest: tp.Optional[str] = "other"
+    valid_tracks: tp.Optional[int] = None
 
     def __post_init__(self) -> None:
         self.mapping = _check_mapping("dset.slakh.mapping", self.mapping)
+        if self.valid_tracks is not None and (isinstance(self.valid_tracks, bool) or not isinstance(
+                self.valid_tracks, int) or self.valid_tracks < 1):
+            raise DemixError(f"dset.slakh.valid_tracks={self.valid_tracks!r}: expected a number of tracks >= 1, "
+                             "or null for all")
 
 
 def _check_missing(key: str, value: str) -> None:

@@ -10,11 +10,13 @@ and its header cached under ``<cache_dir>/metadata`` like the folders of stems
   :func:`split_moisesdb` draws one from a list of names or a seeded ratio.
 - Slakh2100: ``ROOT/{train,validation,test}/TrackNNNNN/{mix.flac, metadata.yaml, stems/SNN.flac}``;
   ``metadata.yaml`` gives each stem's ``inst_class``, ``is_drum`` and ``audio_rendered`` (stems
-  not rendered have no file and are skipped).
+  not rendered have no file and are skipped). ``dset.slakh.valid_tracks`` validates on a fixed
+  subset of its validation tracks (:func:`stable_subset`).
 
 Which stems make which source is a :class:`SourceMap`: explicit entries of the mapping first,
 then a category named like a source, then the `rest` source (or nothing).
 """
+import hashlib
 import json
 import logging
 import typing as tp
@@ -312,3 +314,14 @@ def scan_slakh(folder: Path, spec: SlakhSpec, sources: tp.Sequence[str], cache_d
     shapes = check_track_files(files, MetadataCache.for_folder(cache_dir, folder), folder.name, progress)
     return [MappedTrack(track_dir.name, parts, mix, shapes[track_dir].samplerate, shapes[track_dir].channels,
                         shapes[track_dir].frames) for track_dir, (parts, mix) in layouts.items()]
+
+
+def stable_subset(tracks: tp.Sequence[Track], count: tp.Optional[int]) -> tp.List[Track]:
+    """`count` of `tracks` (all when None or more than there are), in their order: those whose
+    names rank first by SHA-1, so the choice depends only on the names (the same in every epoch,
+    run, resume and machine, and unchanged for a track when others are added or removed)."""
+    if count is None or count >= len(tracks):
+        return list(tracks)
+    ranked = sorted(tracks, key=lambda track: hashlib.sha1(track.name.encode()).hexdigest())
+    chosen = {id(track) for track in ranked[:count]}
+    return [track for track in tracks if id(track) in chosen]
