@@ -91,6 +91,7 @@ CONFIGURATIONS = {
     "pitch_tempo p=1": ({"pitch_tempo": {"probability": 1.0}}, 0.0),
     "pitch_tempo p=1 fast": ({"pitch_tempo": {"probability": 1.0, "high_quality": False}}, 0.0),
     "codec p=1": ({"codec": {"probability": 1.0}}, 0.0),
+    "codec on mixture p=1": ({"codec": {"probability": 1.0, "target": "mixture"}}, 0.0),
     "eq p=1": ({"eq": {"probability": 1.0}}, 0.0),
     "reverb p=1": ({"reverb": {"probability": 1.0}}, 0.0),
     "distortion p=1": ({"distortion": {"probability": 1.0}}, 0.0),

@@ -175,6 +175,7 @@ NEUTRAL_DEFAULTS: tp.Dict[str, tp.Any] = {
     "dset.missing": "refuse",
     "dset.moisesdb.length_tolerance": 2.0,
     "dset.slakh.valid_tracks": None,
+    "augment.codec.target": "stems",
     "finetune.freeze": [],
 }
 NEUTRAL_SECTIONS = ("augment.pitch_tempo", "augment.codec", "augment.eq", "augment.reverb", "augment.distortion")

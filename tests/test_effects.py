@@ -12,12 +12,13 @@ from demixlab.data import SegmentDataset
 from demixlab.errors import DemixError
 from demixlab.experiment import config_digest
 from demixlab.train import main
-from demixlab.training.augment import AugmentConfig, build_example_effects
+from demixlab.training.augment import AugmentConfig, build_augmentation, build_example_effects
 from demixlab.training.effects import (CodecConfig, DistortionConfig, EqConfig, ExampleEffects, PitchTempoConfig,
                                        ReverbConfig)
 from tests.cli import TINY
 from tests.schema import parse_with
 from tests.test_data import build, dset_config, make_dataset
+from tests.test_solver import RUN, _resume_matches_an_uninterrupted_run, run_in  # noqa: F401
 
 pytest.importorskip("pedalboard")
 
@@ -46,6 +47,9 @@ def test_off_by_default_and_left_out_of_the_digest():
     explicit = main.get_xp(["augment.reverb.probability=0.0", "augment.reverb.wet=[0.1,0.2]", "dset.unaligned=0.0"])
     assert config_digest(explicit.cfg) == config_digest(default.cfg)
     assert config_digest(main.get_xp(["augment.reverb.probability=0.5"]).cfg) != config_digest(default.cfg)
+    codec = main.get_xp(["augment.codec.probability=0.5"])  # digests of codec XPs made before `target`
+    assert config_digest(main.get_xp(["augment.codec.probability=0.5", "augment.codec.target=stems"]).cfg) == \
+        config_digest(codec.cfg)
 
 
 def test_pitch_shift_moves_every_source_by_the_same_whole_number_of_semitones():
@@ -113,6 +117,71 @@ def test_effects_run_in_the_dataset_and_workers_see_the_same_examples(tmp_path):
     assert torch.equal(workers, torch.stack(alone))
 
 
+DEVICE_OFF = {"augment.flip_channels": False, "augment.scale": None, "augment.remix": 0}
+
+
+def test_codec_on_the_mixture_adds_its_residual_and_leaves_the_targets_clean():
+    import pedalboard
+
+    transform = effects(codec={"probability": 1.0, "quality": [6.0, 6.0], "target": "mixture"})
+    sources = np.stack([sine(300 + 200 * k, 8000) * (1 + 0.5 * np.sin(np.arange(8000) / (300 + k)))
+                        for k in range(3)]).astype(np.float32)
+    out = transform(sources, 8000, np.random.default_rng(3))
+    assert out.shape == (4, 2, 8000) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:3], sources)  # the targets are not compressed
+    mixture = sources.sum(0)
+    expected = pedalboard.MP3Compressor(vbr_quality=6.0)(mixture, float(SR))[:, :8000] - mixture
+    np.testing.assert_array_equal(out[3], expected)  # mp3(mixture) - mixture
+    assert np.abs(out[3]).max() > 1e-3 and np.abs(out[3]).max() < np.abs(mixture).max()
+    # Per example: drawn or not (then zeros), the same draws every time.
+    half = effects(codec={"probability": 0.5, "target": "mixture"})
+    residuals = [half(sources, 8000, np.random.default_rng(seed))[3] for seed in range(8)]
+    assert 0 < sum(bool(residual.any()) for residual in residuals) < 8
+    np.testing.assert_array_equal(half(sources, 8000, np.random.default_rng(5))[3], residuals[5])
+
+
+def test_codec_residual_batches_are_the_same_in_workers_and_feed_the_model_input(tmp_path):
+    root = make_dataset(tmp_path / "data", valid=("v",), frames=8000, samplerate=SR)
+    plain = build(dset_config(root, samplerate=SR), tmp_path, segment=0.1, samples_per_track=4).train
+    on_mixture = effects(eq={"probability": 0.5}, codec={"probability": 0.5, "target": "mixture"})
+    dataset = SegmentDataset(plain.tracks, plain.segment_frames, 4, plain.seed, transform=on_mixture)
+    clean = SegmentDataset(plain.tracks, plain.segment_frames, 4, plain.seed, transform=effects(eq={"probability": 0.5}))
+    items = [(2, index) for index in range(len(dataset))]
+    alone = torch.stack([dataset[item] for item in items])
+    assert alone.shape == (len(items), 5, 2, 1600)
+    for workers in (1, 2):
+        loaded = torch.cat(list(DataLoader(dataset, batch_size=3, sampler=items, num_workers=workers)))
+        assert torch.equal(loaded, alone)
+    # The sources are those of the same examples without the mixture codec (its draws come last).
+    assert torch.equal(alone[:, :4], torch.stack([clean[item] for item in items]))
+    assert 0 < sum(bool(residual.any()) for residual in alone[:, 4]) < len(items)
+    config = parse_with({"augment.codec.probability": 0.5, "augment.codec.target": "mixture", **DEVICE_OFF}).augment
+    augmentation = build_augmentation(config, SR)
+    assert augmentation.codec_residual and len(augmentation.transforms) == 0
+    generator = torch.Generator().manual_seed(0)
+    mixture, sources = augmentation.model_input(alone, generator)
+    assert torch.equal(sources, alone[:, :4])  # the targets: untouched
+    assert torch.equal(mixture, alone[:, :4].sum(dim=1) + alone[:, 4])  # the input: their sum plus the residual
+    assert build_augmentation(AugmentConfig(), SR).model_input(alone[:, :4], None)[0].equal(alone[:, :4].sum(dim=1))
+
+
+def test_codec_on_the_mixture_refuses_per_source_device_augmentations():
+    with pytest.raises(DemixError) as error:
+        parse_with({"augment.codec.probability": 0.5, "augment.codec.target": "mixture"})
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in ("augment.codec.target=mixture cannot be combined with augment.flip_channels, augment.scale, "
+                     "augment.remix", "set augment.flip_channels=false augment.scale=null augment.remix=0",
+                     "augment.codec.target=stems"):
+        assert fragment in message
+    with pytest.raises(DemixError, match="augment.shift"):
+        parse_with({"augment.codec.probability": 0.5, "augment.codec.target": "mixture", "augment.shift": 0.5,
+                    **DEVICE_OFF})
+    with pytest.raises(DemixError, match=r"augment.codec.target='mix': expected one of stems, mixture"):
+        parse_with({"augment.codec.target": "mix"})
+    assert parse_with({"augment.codec.target": "mixture"}).augment.codec.target == "mixture"  # off: nothing to refuse
+
+
 def test_errors_name_the_option(monkeypatch):
     with pytest.raises(DemixError, match=r"augment.pitch_tempo.probability=2"):
         parse_with({"augment.pitch_tempo.probability": 2})
@@ -142,3 +211,12 @@ def test_training_with_every_effect_and_a_time_shift(in_process, tmp_path):
     assert in_process(*TINY, "epochs=1", "augment.shift=0.5", *effects_on) == 0
     history, = json.loads(next((tmp_path / "outputs" / "xps").iterdir()).joinpath("history.json").read_text())
     assert np.isfinite(history["train"]["loss"])
+
+
+@pytest.mark.slow
+def test_training_with_the_codec_on_the_mixture_resumes_exactly(tmp_path, run_in, monkeypatch):
+    codec = ["augment.codec.probability=0.5", "augment.codec.target=mixture", "augment.flip_channels=false",
+             "augment.scale=null", "augment.remix=0"]
+    checkpoint = _resume_matches_an_uninterrupted_run(
+        tmp_path, run_in, monkeypatch, [*[arg for arg in RUN if not arg.startswith("epochs=")], *codec, "epochs=2"])
+    assert len(checkpoint["history"]) == 2 and np.isfinite(checkpoint["history"][-1]["train"]["loss"])

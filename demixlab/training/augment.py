@@ -3,7 +3,9 @@
 Every transform is a small `nn.Module` whose `forward` takes sources of shape (B, S, C, T) and an
 explicit `torch.Generator` on the device of the batch (they run on the training device, after the
 transfer), so that an epoch's randomness depends only on its seed (exact resume, identical
-multi-process runs). The mixture is built afterwards as the sum of the augmented stems.
+multi-process runs). The mixture is built afterwards as the sum of the augmented stems (plus the
+codec residual of the example's mixture with ``augment.codec.target: mixture``, which is why that
+option refuses the per-source transforms here).
 """
 import typing as tp
 from dataclasses import dataclass, field
@@ -41,6 +43,16 @@ class AugmentConfig:
                                  f"got {list(self.scale)}")
         if self.remix < 0:
             raise DemixError(f"augment.remix must be a group size in examples (0 disables), got {self.remix}")
+        if self.codec.on_mixture:
+            per_source = {"augment.shift=0": self.shift > 0, "augment.flip_channels=false": self.flip_channels,
+                          "augment.flip_sign=false": self.flip_sign, "augment.scale=null": self.scale is not None,
+                          "augment.remix=0": self.remix > 0}
+            offending = [override for override, on in per_source.items() if on]
+            if offending:
+                names = ", ".join(override.split("=")[0] for override in offending)
+                raise DemixError(f"augment.codec.target=mixture cannot be combined with {names}: they change each "
+                                 "source on the training device, after the loader computed the codec residual of "
+                                 f"the example's mixture; set {' '.join(offending)}, or use augment.codec.target=stems")
 
 
 def _draw(shape: tp.Sequence[int], generator: torch.Generator) -> torch.Tensor:
@@ -128,17 +140,36 @@ class Remix(nn.Module):
 
 class Augmentation(nn.Module):
     """A sequence of transforms applied in order; `extra_frames` is what the dataset must add
-    to each training example for the time shift to crop."""
+    to each training example for the time shift to crop. With `codec_residual`, training batches
+    carry the codec residual of each example's mixture as a last row after the sources
+    (``augment.codec.target: mixture``)."""
 
-    def __init__(self, transforms: tp.Sequence[nn.Module], extra_frames: int = 0):
+    def __init__(self, transforms: tp.Sequence[nn.Module], extra_frames: int = 0, codec_residual: bool = False):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
         self.extra_frames = extra_frames
+        self.codec_residual = codec_residual
 
     def forward(self, sources: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         for transform in self.transforms:
             sources = transform(sources, generator)
         return sources
+
+    def split(self, batch: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+        """(sources (B, S, C, T), codec residual (B, C, T) or None) of a training batch."""
+        if not self.codec_residual:
+            return batch, None
+        return batch[:, :-1], batch[:, -1]
+
+    def model_input(self, batch: torch.Tensor,
+                    generator: tp.Optional[torch.Generator]) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """(mixture, sources) of a training batch: the sources augmented (not when `generator` is
+        None), and their sum plus the codec residual when the batch carries one."""
+        sources, residual = self.split(batch)
+        if generator is not None:
+            sources = self(sources, generator)
+        mixture = sources.sum(dim=1)
+        return (mixture if residual is None else mixture + residual), sources
 
     def __repr__(self) -> str:
         names = ", ".join(type(transform).__name__ for transform in self.transforms)
@@ -165,4 +196,4 @@ def build_augmentation(augment: AugmentConfig, samplerate: int) -> Augmentation:
         transforms.append(Scale(float(augment.scale[0]), float(augment.scale[1])))
     if augment.remix:
         transforms.append(Remix(augment.remix))
-    return Augmentation(transforms, extra_frames)
+    return Augmentation(transforms, extra_frames, codec_residual=augment.codec.on_mixture)

@@ -1,6 +1,6 @@
 """Audio-effect augmentations of training examples, run where examples are read (DataLoader
-workers): pitch shift and time stretch of whole examples, and per-source EQ, distortion, reverb
-and MP3 compression.
+workers): pitch shift and time stretch of whole examples, per-source EQ, distortion, reverb
+and MP3 compression of the stems or of the example's mixture.
 
 They use pedalboard (Rubber Band for pitch/tempo, JUCE effects, LAME), imported only when an
 effect is on. Every draw comes from the generator the dataset passes for (seed, epoch, example)
@@ -57,17 +57,29 @@ class PitchTempoConfig:
             raise DemixError(f"augment.pitch_tempo.tempo={self.tempo}: expected a relative change in [0, 0.5)")
 
 
+CODEC_TARGETS = ("stems", "mixture")
+
+
 @dataclass
 class CodecConfig:
-    """`augment.codec`: with `probability` per source, MP3-encode and decode it at a LAME VBR
-    quality drawn in `quality` (0: best, 9.99: lowest bit rate)."""
+    """`augment.codec`: MP3-encode and decode at a LAME VBR quality drawn in `quality` (0: best,
+    9.99: lowest bit rate), with `probability` per source (`target: stems`) or per example on its
+    mixture (`target: mixture`: the model hears the compressed mixture, the targets stay clean)."""
 
     probability: float = 0.0
     quality: tp.List[float] = field(default_factory=lambda: [2.0, 9.0])
+    target: str = "stems"
 
     def __post_init__(self) -> None:
         _check_probability("codec", self.probability)
         _check_range("codec.quality", self.quality, 0.0, 9.99)
+        if self.target not in CODEC_TARGETS:
+            raise DemixError(f"augment.codec.target={self.target!r}: expected one of {', '.join(CODEC_TARGETS)}")
+
+    @property
+    def on_mixture(self) -> bool:
+        """Whether examples carry a codec residual of their mixture (on, with target mixture)."""
+        return self.probability > 0 and self.target == "mixture"
 
 
 @dataclass
@@ -133,6 +145,11 @@ class ExampleEffects:
     Order: pitch/tempo on the whole example (read longer, then cropped to the example length so
     sources stay aligned), then per source EQ, distortion, reverb and MP3 compression. Random
     draws happen in a fixed order whatever is applied, so an option does not reshuffle another's.
+
+    With ``codec.target: mixture`` the sources are not compressed; the example gets one more row
+    after them, the residual ``mp3(mixture) - mixture`` of its mixture (zeros when not drawn),
+    which the training step adds to the sum of the sources
+    (:meth:`demixlab.training.augment.Augmentation.model_input`).
     """
 
     def __init__(self, samplerate: int, pitch_tempo: PitchTempoConfig, codec: CodecConfig, eq: EqConfig,
@@ -163,9 +180,25 @@ class ExampleEffects:
         return int(math.ceil(frames * (1 + self.pitch_tempo.tempo))) + 1024
 
     def __call__(self, sources: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
-        """Apply the effects to (sources, channels, input_frames) audio; return `frames` frames."""
+        """Apply the effects to (sources, channels, input_frames) audio; return `frames` frames
+        (and the mixture's codec residual as a last row with ``codec.target: mixture``)."""
         sources = self._pitch_tempo(sources, frames, rng)
-        return np.stack([self._per_source(source, rng) for source in sources]).astype(np.float32, copy=False)
+        out = np.stack([self._per_source(source, rng) for source in sources]).astype(np.float32, copy=False)
+        if self.codec.on_mixture:
+            out = np.concatenate([out, self._mixture_residual(out.sum(axis=0), rng)[None]])
+        return out
+
+    def _mixture_residual(self, mixture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``mp3(mixture) - mixture`` with probability ``codec.probability``, else zeros."""
+        apply = rng.random() < self.codec.probability
+        quality = float(rng.uniform(*self.codec.quality))
+        if not apply or not np.any(mixture):
+            return np.zeros_like(mixture, dtype=np.float32)
+        pedalboard = import_pedalboard("augment.codec")
+        mixture = np.ascontiguousarray(mixture, dtype=np.float32)
+        encoded = pedalboard.MP3Compressor(vbr_quality=quality)(mixture, float(self.samplerate))
+        encoded = _fit(np.nan_to_num(encoded, nan=0.0, posinf=0.0, neginf=0.0), mixture.shape[-1])
+        return (encoded - mixture).astype(np.float32)
 
     def _pitch_tempo(self, sources: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
         option = self.pitch_tempo
@@ -196,7 +229,8 @@ class ExampleEffects:
             "reverb": (rng.uniform(*self.reverb.room_size), rng.uniform(*self.reverb.wet)),
             "codec": (rng.uniform(*self.codec.quality),),
         }
-        chosen = [name for name, draw in draws.items() if draw < self.options()[name].probability]
+        chosen = [name for name, draw in draws.items() if draw < self.options()[name].probability
+                  and not (name == "codec" and self.codec.target == "mixture")]
         if not chosen or not np.any(source):
             return source
         pedalboard = import_pedalboard(", ".join(f"augment.{name}" for name in chosen))
@@ -214,3 +248,10 @@ class ExampleEffects:
                 plugins.append(pedalboard.MP3Compressor(vbr_quality=values[0]))
         out = pedalboard.Pedalboard(plugins)(np.ascontiguousarray(source, dtype=np.float32), float(self.samplerate))
         return np.nan_to_num(out[:, :source.shape[-1]], nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _fit(wav: np.ndarray, frames: int) -> np.ndarray:
+    """`wav` cut or zero-padded to `frames` frames."""
+    if wav.shape[-1] >= frames:
+        return wav[..., :frames]
+    return np.pad(wav, [(0, 0)] * (wav.ndim - 1) + [(0, frames - wav.shape[-1])])

@@ -184,9 +184,8 @@ class Solver:
         frames = self.segment_frames
 
         def batches() -> tp.Iterator[tp.Tuple[torch.Tensor, torch.Tensor]]:
-            for sources in LogProgress(logger, loader, updates=self.config.misc.log_updates, name="Calibration"):
-                sources = sources[..., :frames].to(self.device)
-                yield sources.sum(dim=1), sources
+            for batch in LogProgress(logger, loader, updates=self.config.misc.log_updates, name="Calibration"):
+                yield self.augment.model_input(batch[..., :frames].to(self.device), None)
 
         self.family.calibrate(self.model, batches())
         for ema in self.emas:
@@ -295,9 +294,8 @@ class Solver:
             torch.cuda.reset_peak_memory_stats(self.device)
         begin = time.time()
         progress = LogProgress(logger, loader, updates=self.config.misc.log_updates, name=f"Train | Epoch {epoch + 1}")
-        for step, sources in enumerate(progress):
-            sources = self.augment(sources.to(self.device, non_blocking=True), generator)
-            mixture = sources.sum(dim=1)
+        for step, batch in enumerate(progress):
+            mixture, sources = self.augment.model_input(batch.to(self.device, non_blocking=True), generator)
             with self._autocast():
                 losses = self.objective(self.ddp_model, mixture, sources)
             loss = losses["loss"]
