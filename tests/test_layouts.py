@@ -362,7 +362,7 @@ def test_a_tiny_training_run_per_layout(layout, tmp_path, in_process, monkeypatc
         args = ["dset=moisesdb", "dset.moisesdb.valid=[1b-song]", "dset.moisesdb.test=[2c-song]"]
     else:
         write_slakh(root)
-        args = ["dset=slakh"]
+        args = ["dset=slakh", "dset.slakh.valid_tracks=1"]
     assert in_process(*args, f"dset.root={root}", f"dset.samplerate={SR}", *TINY_SOLVER, "epochs=1",
                       "valid.segment=1.0", "model.bandwidth=3000") == 0
     history, = json.loads(next((tmp_path / "outputs" / "xps").iterdir()).joinpath("history.json").read_text())

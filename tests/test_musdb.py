@@ -8,6 +8,7 @@ The files are written with stempeg's StreamsWriter (AAC; MP4Box is not needed). 
 without a split and holds out ``dset.valid_tracks`` by name: the tiny dataset lists its own
 track name there.
 """
+import json
 import os
 import pickle
 import shutil
@@ -25,6 +26,7 @@ from demixlab.data.musdb_cache import DecodedStemFile
 from demixlab.data.musdb_tracks import load_musdb_folder
 from demixlab.data.tracks import ConvertedTrack, StemsTrack
 from demixlab.errors import DemixError
+from tests.cli import TINY_SOLVER
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
                                 reason="musdb needs ffmpeg and ffprobe on PATH")
@@ -189,3 +191,13 @@ def test_failed_decode_leaves_no_entry(musdb_root, tmp_path, monkeypatch):
     entry = DecodedStemFile(tmp_path / "cache", musdb_root / "train" / "Artist A - Song.stem.mp4")
     assert entry.lookup() is None
     assert not entry.folder.exists() or not any(entry.folder.iterdir())  # no WAV file, complete or partial
+
+
+@pytest.mark.slow
+def test_a_tiny_training_run_reads_the_wav_cache(musdb_root, tmp_path, in_process, cache_dir):
+    assert in_process("dset=musdb18", f"dset.root={musdb_root}", "dset.valid_tracks=[Artist B - Song]",
+                      *TINY_SOLVER, "epochs=1", "segment=0.2", "valid.segment=0.5") == 0
+    history, = json.loads(next((tmp_path / "outputs" / "xps").iterdir()).joinpath("history.json").read_text())
+    assert np.isfinite(history["train"]["loss"]) and "nsdr" in history["valid"]
+    for path in sorted((musdb_root / "train").glob("*.stem.mp4")):
+        assert DecodedStemFile(cache_dir, path).lookup() is not None
