@@ -284,16 +284,25 @@ def test_a_missing_librosa_says_what_to_install(monkeypatch):
 
 @pytest.mark.slow
 def test_the_command_on_the_toy_dataset(tmp_path, cache_dir):
-    """`demixlab automix` end to end in a subprocess, on a small generated toy dataset."""
+    """`demixlab automix` end to end in a subprocess with 2 worker processes, on a small generated
+    toy dataset: the same remixes as in this process with one."""
     from demixlab.data.toy import ToySpec, ensure_toy_dataset
 
     root = ensure_toy_dataset(ToySpec(seed=0, train_tracks=8, valid_tracks=0, test_tracks=0, train_duration=8.0,
                                       samplerate=SR), cache_dir / "toy", progress=False)
     env = {**os.environ, "DEMIXLAB_CACHE": str(cache_dir)}
     command = [sys.executable, "-m", "demixlab", "automix", str(root), "-o", str(tmp_path / "dst"), "--seconds", "3",
-               "--count", "3", "--samplerate", str(SR), "--no-progress"]
+               "--count", "3", "--samplerate", str(SR), "--workers", "2", "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remixes: 3 of 3 requested" in result.stdout and "candidate stems rejected:" in result.stdout
     remixes = scan_stems_folder(tmp_path / "dst" / "train", SOURCES, cache_dir, progress=False)
     assert len(remixes) == 3 and all(track.frames == 3 * SR and track.channels == 2 for track in remixes)
+    toy = training_tracks(DatasetConfig(kind="stems", root=str(root), sources=SOURCES, samplerate=SR),
+                          base_dir=root, cache_dir=cache_dir)
+    make_automix(toy, options(seconds=3.0, count=3, channels=2), tmp_path / "alone", progress=False)
+    assert (json.loads((tmp_path / "alone" / MANIFEST).read_text())["remixes"]
+            == json.loads((tmp_path / "dst" / MANIFEST).read_text())["remixes"])
+    for track in remixes:
+        np.testing.assert_array_equal(track.read_sources(), scan_stems_folder(
+            tmp_path / "alone" / "train", SOURCES, cache_dir, progress=False)[remixes.index(track)].read_sources())

@@ -50,6 +50,8 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
                         help="pulse clarity below which a track has no confident beat, 0 to 1 (default 0.3)")
     parser.add_argument("--samplerate", type=int, default=44100, help="sample rate of the remixes (default 44100)")
     parser.add_argument("--channels", type=int, default=2, help="channels of the remixes (default 2)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes analysing tracks and rendering remixes (default 1; same result for any)")
     parser.add_argument("--force", action="store_true", help="replace DST if it holds an earlier automix output")
     parser.add_argument("--cache-dir", default=None,
                         help="where file checks are cached (default $DEMIXLAB_CACHE or ~/.cache/demixlab)")
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
     tracks = training_tracks(dset, base_dir=Path.cwd(), cache_dir=resolve_cache_dir(args.cache_dir),
                              progress=not args.no_progress)
     result = make_automix(tracks, options, args.output.expanduser(), origin=f"{args.kind} {source_folder}",
-                          force=args.force, progress=not args.no_progress)
+                          force=args.force, workers=args.workers, progress=not args.no_progress)
     print(f"automix: {args.kind} {source_folder} -> {result.destination / 'train'} (seed {args.seed})")
     for line in result.summary:
         print(line)

@@ -7,10 +7,13 @@ folder dataset ``DST/train/REMIX_NNNN/SOURCE.wav`` with a manifest ``DST/automix
 plot ``DST/automix.png`` (:mod:`.report`). DST appears whole or not at all: everything is written
 into a temporary sibling folder renamed at the end.
 """
+import contextlib
 import json
+import multiprocessing
 import shutil
 import tempfile
 import typing as tp
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +61,7 @@ def check_destination(destination: Path, force: bool) -> None:
 
 
 def make_automix(tracks: tp.Sequence[Track], options: AutomixOptions, destination: tp.Union[str, Path], *,
-                 origin: str = "", force: bool = False, progress: bool = True) -> AutomixResult:
+                 origin: str = "", force: bool = False, workers: int = 1, progress: bool = True) -> AutomixResult:
     """Analyse `tracks`, plan and render the remixes, and write them to `destination`.
 
     Args:
@@ -67,8 +70,12 @@ def make_automix(tracks: tp.Sequence[Track], options: AutomixOptions, destinatio
         destination: the folder dataset to create (replaced only with `force`, and only when
             it holds an earlier automix output).
         origin: where the tracks come from, recorded in the manifest.
+        workers: processes that analyse tracks and render remixes (the result does not depend
+            on it: every choice is planned in this process).
         progress: show progress bars.
     """
+    if workers < 1:
+        raise DemixError(f"--workers {workers}: expected at least 1 process")
     destination = Path(destination).absolute()
     check_destination(destination, force)
     import_librosa()  # fail before any work when it is missing
@@ -78,10 +85,10 @@ def make_automix(tracks: tp.Sequence[Track], options: AutomixOptions, destinatio
         if missing:
             raise DemixError(f"track {track.name}: has no source {', '.join(missing)} (it has "
                              f"{', '.join(track.sources)}); check --sources")
-    analyses = [analyse_track(track, index, options.beat_source, options.min_beat_confidence,
-                              options.min_track_seconds)
-                for index, track in enumerate(tqdm(tracks, desc="analysing", unit="track", disable=not progress,
-                                                   dynamic_ncols=True))]
+    with _pool(workers) as pool:
+        analyses = list(tqdm(pool.map(_analyse, [(track, index, options) for index, track in enumerate(tracks)]),
+                             total=len(tracks), desc="analysing", unit="track", disable=not progress,
+                             dynamic_ncols=True))
     plans = plan_remixes(analyses, options)
     requested = options.count or sum(analysis.rejected is None for analysis in analyses)
     if not plans.remixes:
@@ -93,11 +100,11 @@ def make_automix(tracks: tp.Sequence[Track], options: AutomixOptions, destinatio
     summary = summary_lines(analyses, plans, options.sources, options.seconds, requested)
     building = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
-        for plan in tqdm(plans.remixes, desc="writing remixes", unit="remix", disable=not progress,
-                         dynamic_ncols=True):
-            stems = render_remix(converted, plan, options.seconds)
-            for source, audio in stems.items():
-                write_audio(building / "train" / plan.name / f"{source}.wav", audio, options.samplerate)
+        jobs = [(converted, plan, options, building / "train" / plan.name) for plan in plans.remixes]
+        with _pool(workers) as pool:
+            for _ in tqdm(pool.map(_write_remix, jobs), total=len(jobs), desc="writing remixes", unit="remix",
+                          disable=not progress, dynamic_ncols=True):
+                pass
         manifest = {"version": MANIFEST_VERSION, "origin": origin, "options": dict(vars(options)),
                     "rejected": rejection_counts(analyses, plans), "abandoned_attempts": plans.abandoned,
                     "tracks": [analysis.summary() for analysis in analyses],
@@ -111,6 +118,36 @@ def make_automix(tracks: tp.Sequence[Track], options: AutomixOptions, destinatio
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
     return AutomixResult(destination, analyses, plans, summary)
+
+
+class _InProcess(contextlib.AbstractContextManager):
+    """The one-process stand-in of a process pool."""
+
+    def map(self, function: tp.Callable, items: tp.Iterable) -> tp.Iterator:
+        """`function` of every item, in order (as :meth:`Executor.map`)."""
+        return map(function, items)
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        return None
+
+
+def _pool(workers: int) -> tp.Any:
+    """A pool of `workers` processes (spawned: no copy of this process' torch threads), or this
+    process alone."""
+    if workers == 1:
+        return _InProcess()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _analyse(job: tp.Tuple[Track, int, AutomixOptions]) -> TrackAnalysis:
+    track, index, options = job
+    return analyse_track(track, index, options.beat_source, options.min_beat_confidence, options.min_track_seconds)
+
+
+def _write_remix(job: tp.Tuple[tp.Sequence[Track], RemixPlan, AutomixOptions, Path]) -> None:
+    tracks, plan, options, folder = job
+    for source, audio in render_remix(tracks, plan, options.seconds).items():
+        write_audio(folder / f"{source}.wav", audio, options.samplerate)
 
 
 def _replace(built: Path, destination: Path) -> None:
