@@ -48,6 +48,7 @@ setup(
         # is what demucs needs beyond our own requirements, librosa and packaging what the RoFormer
         # references need.
         "onnx": ["onnx", "onnxruntime", "onnxscript"],  # demixlab export --onnx/--quantize, separate --backend onnxruntime
+        "automix": ["librosa>=0.10"],  # demixlab automix: beat tracking, chroma (the test extra pins it)
         "test": ["pytest", "scipy", "einops", "onnx", "onnxruntime", "onnxscript", "librosa==0.11.0", "packaging"],
     },
 )

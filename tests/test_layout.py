@@ -157,11 +157,17 @@ def test_the_schema_defaults_are_the_base_configuration():
 def test_one_command_lists_every_verb():
     parser = build_parser()
     help_text = parser.format_help()
-    for verb in ("separate", "export", "import", "evaluate", "plot-slicqt", "grid-local", "compare", "search", "blend"):
+    for verb in ("separate", "export", "import", "evaluate", "plot-slicqt", "grid-local", "compare", "search", "blend",
+                 "automix"):
         assert verb in COMMANDS and verb in help_text
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["export", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_the_readme_documents_every_verb():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    assert [verb for verb in COMMANDS if f"demixlab {verb}" not in readme] == []
 
 
 @pytest.mark.parametrize("shim", ["export", "import_model", "test_pretrained", "plot_slicqt", "grid_local"])

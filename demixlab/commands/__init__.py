@@ -1,7 +1,8 @@
 """The `demixlab` command: one subcommand per verb, each module parsing its arguments and wiring
 the stages together (no library logic lives here).
 
-    demixlab separate | export | import | evaluate | blend | plot-slicqt | grid-local | compare | search  [--help]
+    demixlab separate | export | import | evaluate | blend | plot-slicqt | grid-local | compare | search
+             | automix  [--help]
 
 Training itself runs through Dora (`dora run`, `dora grid`). Each module also has a `main(argv)`
 for running it alone (the `tools.X` shims use them). The top layer: it may import any stage.
@@ -26,6 +27,7 @@ COMMANDS = {
     "grid-local": "grid_local",
     "compare": "compare",
     "search": "search",
+    "automix": "automix",
 }
 
 
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `demixlab` parser with every subcommand's options."""
     parser = argparse.ArgumentParser(
         prog="demixlab", description="demixlab: train (with `dora run`), search, compare, export, import, evaluate, "
-                                     "blend and run music source separation models.")
+                                     "blend and run music source separation models, and make automix datasets.")
     parser.add_argument("--version", action="version", version=f"demixlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DataSplits", "DatasetConfig", "ExampleTransform", "SegmentDataset", "TestSplit", "Track",
            "TrackDataset", "WeightedSegments", "build_datasets", "build_test_split", "build_valid_split",
-           "resolve_cache_dir"]
+           "resolve_cache_dir", "training_tracks"]
 
 EXTRA_STREAM = 3000  # seeds of the extra datasets' segments: [seed, EXTRA_STREAM, k]
 
@@ -248,6 +248,14 @@ def build_valid_split(dset: DatasetConfig, *, samplerate: int, channels: int, ba
         logger.info("validation tracks are converted to the model's %d Hz, %d channel(s)", samplerate, channels)
     where = root / "valid" if (root / "valid").is_dir() else root
     return TestSplit(dataset=TrackDataset(converted), sources=list(dset.sources or []), root=str(where))
+
+
+def training_tracks(dset: DatasetConfig, *, base_dir: Path, cache_dir: Path, progress: bool = False) -> tp.List[Track]:
+    """The tracks training draws its examples from, as read (no conversion): ``ROOT/train``
+    less the tracks of ``dset.valid_tracks``, or what the layout's split leaves to training."""
+    dset = as_dataset_config(dset)
+    root = dataset_root(dset, base_dir, Path(cache_dir), progress)
+    return _read_splits(dset, root, Path(cache_dir), progress, with_test=False, train_only=not dset.valid_tracks)[0]
 
 
 def dataset_root(dset: DatasetConfig, base_dir: Path, cache_dir: Path, progress: bool = False) -> Path:
