@@ -1,4 +1,5 @@
 """The sliced constant-Q transform, checked against nsgt 0.19 (numpy, float64) and xumx-slicq-v2 1.0.0a2."""
+import itertools
 import math
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from demixlab.errors import DemixError
-from demixlab.spectral import SCALES, SliCQT, flatten_slices, make_scale, overlap_add, unflatten_slices
+from demixlab.spectral import (SCALES, SliCQT, StreamingInverseSliCQT, StreamingSliCQT, flatten_slices, make_scale,
+                               overlap_add, unflatten_slices)
 from demixlab.spectral.plot import plot_slicqt
 from tests.references import import_reference
 
@@ -43,6 +45,68 @@ def noise(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
 
 def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
     return float((estimate - reference).abs().max() / reference.abs().max())
+
+
+# -- block-wise (streaming) transform ------------------------------------------------------------
+
+def _pieces(signal: torch.Tensor, sizes: tuple):
+    position = 0
+    for size in itertools.cycle(sizes):
+        if position >= signal.shape[-1]:
+            return
+        yield signal[..., position:position + size]
+        position += size
+
+
+@pytest.mark.parametrize("name,dtype", [("tiny", torch.float64), ("tiny", torch.float32), ("mel", torch.float32)])
+@pytest.mark.parametrize("sizes", [(1, 37, 200, 3), (512,), (5000, 1)])
+def test_block_wise_slicqt_is_the_whole_signal_transform(name, dtype, sizes):
+    slicqt = tiny(dtype) if name == "tiny" else transform(name, dtype)
+    hop = slicqt.slice_length // 2
+    assert hop < slicqt.slice_support < slicqt.slice_length  # a slice's window ends before the slice
+    assert not slicqt.slice_window[slicqt.slice_support:].any() and slicqt.slice_window[slicqt.slice_support - 1] > 0
+    lengths = (1, hop - 1, 3001) if name == "tiny" else (1, 2 * slicqt.slice_length + 17)
+    for length in lengths:
+        signal = noise(2, 3, length, dtype=dtype, seed=length)
+        whole = slicqt(signal)
+        analysis, pushed, parts = StreamingSliCQT(slicqt), 0, []
+        for block in _pieces(signal, sizes):
+            parts.append(analysis.push(block))
+            pushed += block.shape[-1]
+            # slice s covers samples from (s - 1) * hop; it is returned as soon as its window's support arrived
+            assert analysis.slices == max(0, (pushed + hop - slicqt.slice_support) // hop + 1)
+        parts.append(analysis.finish())
+        for index, block in enumerate(whole):
+            streamed = torch.cat([part[index] for part in parts], dim=-2)
+            assert streamed.dtype == block.dtype
+            torch.testing.assert_close(streamed, block, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+        for group in (1, 2, 5):  # the inverse of slices pushed `group` at a time
+            synthesis = StreamingInverseSliCQT(slicqt)
+            samples = [synthesis.push([block[..., first:first + group, :] for block in whole])
+                       for first in range(0, whole[0].shape[-2], group)]
+            total = max(length, synthesis.emitted)
+            assert synthesis.emitted == (whole[0].shape[-2] - 1) * hop  # all but the last slice's second half
+            samples.append(synthesis.finish(total))
+            torch.testing.assert_close(torch.cat(samples, dim=-1), slicqt.inverse(whole, total), rtol=0,
+                                       atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_block_wise_slicqt_checks_its_input():
+    slicqt = tiny()
+    with pytest.raises(DemixError, match="empty"):
+        StreamingSliCQT(slicqt).finish()
+    analysis = StreamingSliCQT(slicqt)
+    analysis.push(torch.zeros(2, 10))
+    with pytest.raises(DemixError, match="leading shape"):
+        analysis.push(torch.zeros(3, 10))
+    with pytest.raises(DemixError, match="real floating-point"):
+        analysis.push(torch.zeros(2, 10, dtype=torch.long))
+    synthesis = StreamingInverseSliCQT(slicqt)
+    with pytest.raises(DemixError, match="no sliCQT slices"):
+        synthesis.finish(10)
+    synthesis.push(slicqt(noise(1, 2000, dtype=torch.float64)))
+    with pytest.raises(DemixError, match="shorter than"):
+        synthesis.finish(10)
 
 
 # -- structure ------------------------------------------------------------------------------------

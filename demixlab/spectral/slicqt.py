@@ -224,8 +224,10 @@ class SliCQT(nn.Module):
         order = np.argsort(conjugate_mask, kind="stable")  # plain sources first, conjugated ones last
         self.plain_count = int((~conjugate_mask).sum())
 
-        self.register_buffer("slice_window", torch.as_tensor(_tukey_slice_window(n, self.transition_length),
-                                                             dtype=dtype), persistent=False)
+        slice_window = _tukey_slice_window(n, self.transition_length)
+        # Samples of a slice up to its window's last non-zero one: what a slice needs (block-wise analysis).
+        self.slice_support = int(np.flatnonzero(slice_window)[-1]) + 1
+        self.register_buffer("slice_window", torch.as_tensor(slice_window, dtype=dtype), persistent=False)
         self.register_buffer("forward_index", torch.as_tensor(forward_index, dtype=torch.long), persistent=False)
         self.register_buffer("forward_weight", torch.as_tensor(forward_weight, dtype=dtype), persistent=False)
         self.register_buffer("inverse_source", torch.as_tensor(np.concatenate(sources)[order], dtype=torch.long),
@@ -264,13 +266,18 @@ class SliCQT(nn.Module):
         if length < 1:
             raise DemixError("sliCQT input is empty (0 samples)")
         dtype = waveform.dtype if waveform.dtype == torch.float64 else torch.float32
-        device = waveform.device
         n, hop = self.slice_length, self.slice_length // 2
         slices = self.num_slices(length)
         signal = waveform.to(dtype).reshape(-1, length)
         # Half a slice of zeros in front, as many as the last slice needs behind.
         signal = F.pad(signal, (hop, (slices + 1) * hop - hop - length))
-        frames = signal.unfold(-1, n, hop) * self._buffer("slice_window", device, dtype)  # (B, S, n)
+        return self.analyse_slices(signal.unfold(-1, n, hop), others)
+
+    def analyse_slices(self, frames: torch.Tensor, others: tp.Sequence[int]) -> tp.List[torch.Tensor]:
+        """Slices (B, S, slice_length) of the padded signal (float32 or float64, B = prod(`others`))
+        -> the blocks (*others, F_b, S, T_b): window, FFT, band-pass windows, inverse FFT per block."""
+        slices, device, dtype = frames.shape[-2], frames.device, frames.dtype
+        frames = frames * self._buffer("slice_window", device, dtype)  # (B, S, n)
         spectrum = torch.fft.fft(frames)
         del frames
         coefficients = spectrum[..., self._buffer("forward_index", device)]  # (B, S, sum of F_b * T_b)
@@ -294,10 +301,23 @@ class SliCQT(nn.Module):
         if int(length) != length or length < 1:
             raise DemixError(f"sliCQT inverse length must be a positive integer, got {length}")
         length = int(length)
+        hop = self.slice_length // 2
+        frames = self.synthesise_slices(blocks)  # (B, S, n)
+        # Overlap-add: the first half of slice s and the second half of slice s - 1 share a hop.
+        signal = F.pad(frames[..., :hop], (0, 0, 0, 1)) + F.pad(frames[..., hop:], (0, 0, 1, 0))
+        signal = signal.flatten(-2)[..., hop:]  # drop the front padding
+        if signal.shape[-1] < length:
+            signal = F.pad(signal, (0, length - signal.shape[-1]))
+        return signal[..., :length].reshape(*others, length)
+
+    def synthesise_slices(self, blocks: tp.Sequence[torch.Tensor]) -> torch.Tensor:
+        """Blocks (..., C, F_b, S, T_b) -> the real slices (B, S, slice_length) that the inverse
+        overlap-adds, B the product of the leading dimensions (..., C)."""
+        others, slices = self._check_blocks(blocks)
         dtype = torch.float64 if blocks[0].dtype == torch.complex128 else torch.float32
         complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         device = blocks[0].device
-        n, hop = self.slice_length, self.slice_length // 2
+        n = self.slice_length
         batch = math.prod(others)
         spectra = []
         for block, (bins, width) in zip(blocks, self.block_shapes):
@@ -313,13 +333,7 @@ class SliCQT(nn.Module):
         values.mul_(self._buffer("inverse_weight", device, dtype))
         half = torch.zeros(batch, slices, n // 2 + 1, dtype=complex_dtype, device=device)
         half = half.index_add(-1, self._buffer("inverse_target", device), values)
-        frames = torch.fft.irfft(half, n=n, dim=-1)  # (B, S, n)
-        # Overlap-add: the first half of slice s and the second half of slice s - 1 share a hop.
-        signal = F.pad(frames[..., :hop], (0, 0, 0, 1)) + F.pad(frames[..., hop:], (0, 0, 1, 0))
-        signal = signal.flatten(-2)[..., hop:]  # drop the front padding
-        if signal.shape[-1] < length:
-            signal = F.pad(signal, (0, length - signal.shape[-1]))
-        return signal[..., :length].reshape(*others, length)
+        return torch.fft.irfft(half, n=n, dim=-1)  # (B, S, n)
 
     def _check_blocks(self, blocks: tp.Sequence[torch.Tensor]) -> tp.Tuple[tp.List[int], int]:
         """Leading shape (..., C) and slice count S of a list of blocks; DemixError if they do not fit."""
@@ -337,3 +351,115 @@ class SliCQT(nn.Module):
                                  f"{getattr(block, 'dtype', type(block).__name__)} "
                                  f"{tuple(getattr(block, 'shape', ()))}")
         return others, slices
+
+
+class StreamingSliCQT:
+    """:class:`SliCQT` of a signal that arrives in (..., C, n) blocks: :meth:`push` returns the
+    slices that the samples so far complete, :meth:`finish` the rest (the zero padding of the end).
+
+    The blocks (..., C, F_b, m, T_b) are those of `transform` on the whole signal (within float
+    rounding; float64 blocks give complex128, any other float complex64), m slices at a time, m
+    possibly 0. The signal is padded as the whole-signal transform pads it: half a slice of zeros
+    in front, zeros behind up to the last of its :meth:`SliCQT.num_slices` slices. Slice s covers
+    samples [(s - 1) * hop, (s + 1) * hop) (hop = slice_length / 2) but its window is zero after
+    `slice_support` of them, so it is complete once `(s - 1) * hop + slice_support` samples arrived.
+    """
+
+    def __init__(self, transform: SliCQT):
+        self.transform = transform
+        self._buffer: tp.Optional[torch.Tensor] = None  # the padded signal from padded position `_start` on
+        self._start = 0
+        self.received = 0  # samples pushed so far
+        self.slices = 0  # slices returned so far
+
+    def push(self, block: torch.Tensor) -> tp.List[torch.Tensor]:
+        """Add (..., C, n) samples; return the newly complete slices [(..., C, F_b, m, T_b)]."""
+        if not isinstance(block, torch.Tensor) or block.dim() < 2 or not block.is_floating_point():
+            raise DemixError("sliCQT input must be a real floating-point tensor (..., channels, time), got "
+                             f"{getattr(block, 'dtype', type(block).__name__)} {tuple(getattr(block, 'shape', ()))}")
+        dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
+        hop = self.transform.slice_length // 2
+        if self._buffer is None:  # half a slice of zeros in front
+            self._buffer = block.new_zeros(*block.shape[:-1], hop, dtype=dtype)
+        elif block.shape[:-1] != self._buffer.shape[:-1]:
+            raise DemixError(f"sliCQT blocks must keep their leading shape {tuple(self._buffer.shape[:-1])}, got "
+                             f"{tuple(block.shape)}")
+        self._buffer = torch.cat([self._buffer, block.to(dtype)], dim=-1)
+        self.received += block.shape[-1]
+        available = hop + self.received - self.transform.slice_support  # slice s is complete if s * hop <= this
+        return self._take(available // hop + 1 if available >= 0 else 0)
+
+    def finish(self) -> tp.List[torch.Tensor]:
+        """The remaining slices, the end padded with zeros as the whole-signal transform pads it."""
+        if self._buffer is None or self.received == 0:
+            raise DemixError("sliCQT input is empty (0 samples)")
+        total = self.transform.num_slices(self.received)
+        hop = self.transform.slice_length // 2
+        missing = (total + 1) * hop - self._start - self._buffer.shape[-1]
+        self._buffer = F.pad(self._buffer, (0, missing))
+        return self._take(total)
+
+    def _take(self, complete: int) -> tp.List[torch.Tensor]:
+        """Slices `slices` .. `complete - 1` (an empty list of slices when there are none)."""
+        assert self._buffer is not None
+        n, hop = self.transform.slice_length, self.transform.slice_length // 2
+        count = complete - self.slices
+        if count <= 0:
+            dtype = torch.complex128 if self._buffer.dtype == torch.float64 else torch.complex64
+            return [self._buffer.new_zeros(*self._buffer.shape[:-1], bins, 0, width, dtype=dtype)
+                    for bins, width in self.transform.block_shapes]
+        signal = self._buffer[..., self.slices * hop - self._start:]
+        needed = (count - 1) * hop + n
+        if signal.shape[-1] < needed:  # the window is zero past the support: zeros stand for later samples
+            signal = F.pad(signal, (0, needed - signal.shape[-1]))
+        others = list(signal.shape[:-1])
+        frames = signal[..., :needed].reshape(-1, needed).unfold(-1, n, hop)  # (B, count, n)
+        blocks = self.transform.analyse_slices(frames, others)
+        self.slices = complete
+        self._buffer = self._buffer[..., complete * hop - self._start:]
+        self._start = complete * hop
+        return blocks
+
+
+class StreamingInverseSliCQT:
+    """:meth:`SliCQT.inverse` of slices that arrive in order: :meth:`push` returns the samples no
+    later slice changes (a slice overlaps the next one by half), :meth:`finish` the rest up to
+    `length` samples. The same samples as the inverse of all slices, within float rounding."""
+
+    def __init__(self, transform: SliCQT):
+        self.transform = transform
+        self._tail: tp.Optional[torch.Tensor] = None  # second half of the last slice (B, hop)
+        self._others: tp.List[int] = []
+        self.slices = 0
+        self.emitted = 0  # samples returned so far
+
+    def push(self, blocks: tp.Sequence[torch.Tensor]) -> torch.Tensor:
+        """Add the next slices [(..., C, F_b, m, T_b)]; return the newly final samples (..., C, k)."""
+        hop = self.transform.slice_length // 2
+        self._others, count = self.transform._check_blocks(blocks)
+        if count == 0:
+            dtype = torch.float64 if blocks[0].dtype == torch.complex128 else torch.float32
+            return torch.zeros(*self._others, 0, dtype=dtype, device=blocks[0].device)
+        frames = self.transform.synthesise_slices(blocks)  # (B, m, n)
+        first, second = frames[..., :hop], frames[..., hop:]
+        tail = self._tail if self._tail is not None else torch.zeros_like(second[:, 0])
+        # Each slice's first half adds to the previous slice's second half, as the whole inverse adds them.
+        signal = (first + torch.cat([tail[:, None], second[:, :-1]], dim=1)).flatten(-2)
+        self._tail = second[:, -1]
+        if self.slices == 0:
+            signal = signal[..., hop:]  # the front padding
+        self.slices += count
+        self.emitted += signal.shape[-1]
+        return signal.reshape(*self._others, signal.shape[-1])
+
+    def finish(self, length: int) -> torch.Tensor:
+        """The remaining samples, `length` in all: the last slice's second half, zeros past it."""
+        if self._tail is None:
+            raise DemixError("no sliCQT slices were pushed")
+        if length < self.emitted:
+            raise DemixError(f"sliCQT inverse length {length} is shorter than the {self.emitted} samples "
+                             "already returned")
+        rest = self._tail[..., :length - self.emitted]
+        rest = F.pad(rest, (0, length - self.emitted - rest.shape[-1]))
+        self.emitted = length
+        return rest.reshape(*self._others, rest.shape[-1])
