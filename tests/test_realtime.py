@@ -92,3 +92,77 @@ def test_a_stream_needs_blocks_of_one_shape_and_is_flushed_once(tmp_path):
     live.flush()
     with pytest.raises(DemixError, match="already flushed"):
         live.flush()
+
+
+# sliCQ-CDAE realtime: 9 blocks, slices of 764 samples (hop 382), narrow autoencoders.
+SLICQ_REALTIME = dict(fbins=12, hidden_1=6, hidden_2=7, realtime=True)
+
+
+def _slicq_model(seed: int = 3):
+    """A realtime sliCQ-CDAE with random weights and BatchNorm statistics, in eval mode."""
+    model = get_family("slicq_cdae").build_model(SOURCES, 44100, 2, SLICQ_REALTIME)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if key.endswith(("running_var", "input_scale")):
+                value.copy_(0.5 + torch.rand(value.shape, generator=generator))
+            elif value.dtype.is_floating_point:
+                value.copy_(0.1 * torch.randn(value.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("sizes,channels", [((1, 300, 64, 2000), 2), ((4096,), 2), ((128,), 1), ((777, 5), 2)])
+def test_the_slicq_cdae_stream_is_the_offline_separation_delayed_by_the_latency(tmp_path, sizes, channels):
+    model = _slicq_model()
+    save_package(package_model("slicq_cdae", SLICQ_REALTIME, model.state_dict(), sources=SOURCES, samplerate=44100,
+                               audio_channels=2), tmp_path / "live.th")
+    separator = Separator(tmp_path, "live", split=False)
+    wav = 0.3 * torch.randn(channels, 20000, generator=torch.Generator().manual_seed(1))
+    offline = separator.separate_tensor(wav, 44100)
+    live = separator.stream()
+    transform = model.transform
+    assert live.latency == model.lookahead == transform.slice_length + transform.slice_support - 1 == 1432
+    pieces = {source: [] for source in SOURCES}
+    for block in _blocks(wav, sizes):
+        stems = live.push(block)
+        for source in SOURCES:
+            assert stems[source].shape == block.shape
+            pieces[source].append(stems[source])
+    for source, stem in live.flush().items():
+        assert stem.shape == (channels, live.latency)
+        pieces[source].append(stem)
+    peak = max(float(stem.abs().max()) for stem in offline.values())
+    assert peak > 1e-2
+    for source in SOURCES:
+        streamed = torch.cat(pieces[source], dim=-1)
+        assert not streamed[..., :live.latency].any()
+        torch.testing.assert_close(streamed[..., live.latency:], offline[source], rtol=0, atol=1e-5 * peak)
+
+
+@pytest.mark.parametrize("length", [1, 700, 5000])
+def test_the_slicq_cdae_streamer_delays_exactly_its_lookahead(length):
+    model = _slicq_model()
+    mixture = 0.3 * torch.randn(1, 2, length, generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        offline = model(mixture)
+    streamer, pieces, least = model.streamer(), [], None
+    for pushed in range(1, length + 1):  # one sample at a time: the delay is visible to the sample
+        pieces.append(streamer.push(mixture[..., pushed - 1:pushed]))
+        slack = sum(piece.shape[-1] for piece in pieces) - (pushed - model.lookahead)
+        least = slack if least is None else min(least, slack)
+    pieces.append(streamer.finish())
+    assert least >= 0 and (least == 0 or length <= model.lookahead)  # never later than stated, and not earlier
+    torch.testing.assert_close(torch.cat(pieces, dim=-1), offline, rtol=0, atol=1e-6)
+
+
+def test_the_offline_slicq_cdae_cannot_stream(tmp_path):
+    options = dict(SLICQ_REALTIME, realtime=False)
+    model = get_family("slicq_cdae").build_model(SOURCES, 44100, 2, options)
+    assert model.lookahead is None
+    save_package(package_model("slicq_cdae", options, model.state_dict(), sources=SOURCES, samplerate=44100,
+                               audio_channels=2), tmp_path / "offline.th")
+    with pytest.raises(DemixError, match=r"model 'offline' of family slicq_cdae cannot separate a stream") as error:
+        Separator(tmp_path, "offline").stream()
+    assert "\n" not in str(error.value)
+    with pytest.raises(DemixError, match="too short"):
+        _slicq_model().streamer().finish()

@@ -1,6 +1,6 @@
 """The sliCQ lineage: xumx-sliCQ-V2's convolutional denoising autoencoders on the sliced
 constant-Q transform (`slicq_cdae`), with the importer of its weights (`demixlab import xumx_slicq`)
-and the ONNX export of its mask network."""
+the ONNX export of its mask network, and the realtime model on a live stream (:mod:`.streaming`)."""
 from ..registry import Family, register_family
 from .cdae import SliCQCDAE, build_slicq_cdae_objective, calibrate_slicq_cdae
 from .importer import import_xumx_slicq_paths

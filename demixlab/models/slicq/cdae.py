@@ -31,6 +31,7 @@ from ..contract import NetworkAxes, SeparationModel, require
 from ..losses import (Objective, combination_loss, non_negative, parse_source_weights, source_subsets,
                       subset_sums, subset_weights)
 from .blocks import SliCQMaskNetwork
+from .streaming import BlockCDAEStreamer, SliCQCDAEStreamer
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,25 @@ class SliCQCDAE(SeparationModel):
         while self.transform.num_slices(length) < self.network.min_slices():
             length += 1
         self.min_length = length
+
+    @property
+    def lookahead(self) -> tp.Optional[int]:
+        """Realtime: `slice_length + slice_support - 1` samples of the sliCQT (33862 = 768 ms by
+        default); None offline (the Wiener step and the non-causal convolutions need the future).
+
+        A mask of slice s needs slice s + 2 (:attr:`BlockCDAEStreamer.slice_lookahead`), complete
+        `slice_support` samples after its start, and an output sample is final once the two slices
+        over it are: the first sample of a hop waits for `2 * hop + slice_support - 1` more."""
+        if not self.realtime:
+            return None
+        hop = self.transform.slice_length // 2
+        return BlockCDAEStreamer.slice_lookahead * hop + self.transform.slice_support - 1
+
+    def streamer(self) -> SliCQCDAEStreamer:
+        """Separate a stream slice by slice (realtime only, see :class:`SliCQCDAEStreamer`)."""
+        if self.lookahead is None:
+            return super().streamer()  # type: ignore[return-value]
+        return SliCQCDAEStreamer(self)
 
     def set_input_statistics(self, means: tp.Sequence[torch.Tensor], stds: tp.Sequence[torch.Tensor]) -> None:
         """Set the input normalisation from per-block, per-bin magnitude statistics [(F_b,)]."""
