@@ -142,7 +142,7 @@ def test_the_slicq_cdae_stream_is_the_offline_separation_delayed_by_the_latency(
 @pytest.mark.parametrize("length", [1, 700, 5000])
 def test_the_slicq_cdae_streamer_delays_exactly_its_lookahead(length):
     model = _slicq_model()
-    mixture = 0.3 * torch.randn(1, 2, length, generator=torch.Generator().manual_seed(length))
+    mixture = 0.3 * torch.randn(2, 2, length, generator=torch.Generator().manual_seed(length))  # a batch of 2
     with torch.no_grad():
         offline = model(mixture)
     streamer, pieces, least = model.streamer(), [], None
@@ -166,3 +166,5 @@ def test_the_offline_slicq_cdae_cannot_stream(tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(DemixError, match="too short"):
         _slicq_model().streamer().finish()
+    with pytest.raises(DemixError, match="eval mode"):
+        _slicq_model().train().streamer()

@@ -76,7 +76,7 @@ class BlockCDAEStreamer:
             if self._inner is None:
                 raise DemixError(f"audio too short for the sliCQ-CDAE: need at least {block.min_slices()} slices")
             self._decode(block.decode2(self._inner)[..., 3:])  # the frames after the last encoded one
-        return self._whole_slices(batch, channels, bins)
+        return self._whole_slices(magnitude)
 
     def _encode(self, encoded: torch.Tensor) -> None:
         """Run the (f, 4) convolution on the new encode1 frames, then the transposed one."""
@@ -105,12 +105,13 @@ class BlockCDAEStreamer:
         masks = torch.sigmoid(block.decode1(decoded)[..., self.hop:decoded.shape[-1] * self.hop])
         self._masks = masks if self._masks is None else torch.cat([self._masks, masks], dim=-1)
 
-    def _whole_slices(self, batch: int, channels: int, bins: int) -> torch.Tensor:
-        """The complete slices of the kept mask coefficients, (B, sources, C, F_b, m, T_b)."""
-        frames = self.block.frames
+    def _whole_slices(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """The complete slices of the kept mask coefficients, (B, sources, C, F_b, m, T_b), for
+        inputs like `magnitude` (B, C, F_b, ., T_b)."""
+        batch, channels, bins, _, frames = magnitude.shape
         count = 0 if self._masks is None else self._masks.shape[-1] // frames
         if self._masks is None:
-            done = torch.zeros(batch, self.block.sources * channels, bins, 0)
+            done = magnitude.new_zeros(batch, self.block.sources * channels, bins, 0)
         else:
             done, self._masks = self._masks[..., :count * frames], self._masks[..., count * frames:]
         return done.reshape(batch, self.block.sources, channels, bins, count, frames)
@@ -123,6 +124,9 @@ class SliCQCDAEStreamer(ModelStreamer):
     the samples no later slice changes. The model must be in eval mode (BatchNorm statistics)."""
 
     def __init__(self, model: "SliCQCDAE"):
+        if model.training:
+            raise DemixError("a sliCQ-CDAE streams in eval mode (model.eval()): in training mode its BatchNorm "
+                             "layers normalise with the statistics of the whole input")
         self.model = model
         self.analysis = StreamingSliCQT(model.transform)
         self.networks = [BlockCDAEStreamer(block) for block in model.network.blocks]
@@ -134,7 +138,7 @@ class SliCQCDAEStreamer(ModelStreamer):
         """Add a (B, C, n) block; return the stem samples it completes (B, S, C, m)."""
         self.length += block.shape[-1]
         with _native_kernels():
-            return self._separate(self.analysis.push(block.float()), final=False, like=block)
+            return self._separate(self.analysis.push(block.float()), final=False)
 
     def finish(self) -> torch.Tensor:
         """The remaining stem samples (the end of the signal zero-padded, as the sliCQT pads it)."""
@@ -143,15 +147,16 @@ class SliCQCDAEStreamer(ModelStreamer):
                              f"{self.model.min_length} ({self.model.network.min_slices()} slices of the sliCQT)")
         with _native_kernels():
             returned = self.synthesis.emitted  # before the last slices: never more than was pushed
-            last = self._separate(self.analysis.finish(), final=True, like=None)
+            last = self._separate(self.analysis.finish(), final=True)
             rest = self.synthesis.finish(max(self.length, self.synthesis.emitted))
             return torch.cat([last, rest], dim=-1)[..., :self.length - returned]  # the inverse's crop
 
-    def _separate(self, blocks: tp.List[torch.Tensor], final: bool,
-                  like: tp.Optional[torch.Tensor]) -> torch.Tensor:
+    def _separate(self, blocks: tp.List[torch.Tensor], final: bool) -> torch.Tensor:
         """The stem samples that the next sliCQT slices complete."""
-        if not final and blocks[0].shape[-2] == 0 and like is not None:
-            return like.new_zeros(like.shape[0], len(self.model.sources), like.shape[1], 0, dtype=torch.float32)
+        batch, channels = blocks[0].shape[:2]
+        nothing = blocks[0].real.new_zeros(batch, len(self.model.sources), channels, 0)
+        if not final and blocks[0].shape[-2] == 0:
+            return nothing
         magnitudes = [block.abs() for block in blocks]
         masks = [network.push(magnitude, final) for network, magnitude in zip(self.networks, magnitudes)]
         waiting = blocks if self._waiting is None else \
@@ -159,8 +164,7 @@ class SliCQCDAEStreamer(ModelStreamer):
         count = masks[0].shape[-2]
         ready = [block[..., :count, :] for block in waiting]
         self._waiting = [block[..., count:, :] for block in waiting]
-        batch, channels = blocks[0].shape[:2]
         if count == 0:
-            return torch.zeros(batch, len(self.model.sources), channels, 0)
+            return nothing
         estimates = self.model.estimate(ready, [block.abs() for block in ready], masks)
         return self.synthesis.push(estimates)
