@@ -3,9 +3,9 @@
 A model that declares a finite :attr:`~demixlab.models.SeparationModel.lookahead` (a causal model,
 e.g. UMX/X-UMX with a unidirectional LSTM and no Wiener EM, or the realtime sliCQ-CDAE) separates
 audio block by block: :class:`StreamingSeparator` takes blocks of any size and returns, for each,
-as many samples of every stem, delayed by :attr:`StreamingSeparator.latency` samples. The delayed stems are the
-stems of the whole signal (within float rounding): `streamed[..., latency:]` equals the offline
-estimate. No chunking, overlap or shifts are involved: the model runs once over the stream.
+as many samples of every stem, delayed by :attr:`StreamingSeparator.latency` samples. The delayed
+stems are the stems of the whole signal (within float rounding): `streamed[..., latency:]` equals
+the offline estimate. No chunking, overlap or shifts are involved: the model runs once over the stream.
 """
 import collections
 import typing as tp
