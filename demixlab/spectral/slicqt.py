@@ -23,6 +23,9 @@ Conventions of the flattened view used by sliCQ networks: :func:`flatten_slices`
 ``(..., F_b, S, T_b)`` into ``(..., F_b, S * T_b)`` (slices side by side, overlap not undone) and
 :func:`unflatten_slices` goes back, cropping what a network added at the end.
 :func:`overlap_add` adds the 50% overlapping slices instead (the time axis of a spectrogram plot).
+
+:class:`StreamingSliCQT` and :class:`StreamingInverseSliCQT` compute the same transform and inverse
+on a signal that arrives in blocks (a slice as soon as the samples under its window arrived).
 """
 import math
 import typing as tp
@@ -166,7 +169,8 @@ class SliCQT(nn.Module):
 
     `scale`/`fbins`/`fmin`/`fmax` choose the frequency bands (see :mod:`.scales`; for ``oct``,
     `fbins` is bands per octave). The default, Bark with 262 bands from 32.9 Hz to 22.05 kHz at
-    44.1 kHz, has 263 channels in 70 blocks, slices of 18060 samples and transitions of 4516.
+    44.1 kHz, has 263 channels in 70 blocks, slices of 18060 samples and transitions of 4516;
+    `slice_support` (15803 there) is how many samples of a slice its window reaches.
     """
 
     def __init__(self, scale: str = "bark", fbins: int = 262, fmin: float = 32.9, fmax: float = 22050.0,
