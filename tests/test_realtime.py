@@ -42,6 +42,27 @@ def test_block_wise_stft_and_istft_are_the_whole_signal_transforms(length, n_fft
     torch.testing.assert_close(torch.cat(samples, dim=-1), stft.inverse(whole, length), rtol=0, atol=1e-6)
 
 
+def _assert_streamed_is_offline_delayed(live, wav: torch.Tensor, sizes: tuple, offline: dict) -> None:
+    """Push `wav` in blocks of `sizes`, flush, and compare with the offline stems: as many samples out as
+    in (the input's channels), silence for the latency, then the offline separation."""
+    channels = wav.shape[0]
+    pieces = {source: [] for source in SOURCES}
+    for block in _blocks(wav, sizes):
+        stems = live.push(block)
+        for source in SOURCES:
+            assert stems[source].shape == block.shape
+            pieces[source].append(stems[source])
+    for source, stem in live.flush().items():
+        assert stem.shape == (channels, live.latency)
+        pieces[source].append(stem)
+    peak = max(float(stem.abs().max()) for stem in offline.values())
+    assert peak > 1e-2
+    for source in SOURCES:
+        streamed = torch.cat(pieces[source], dim=-1)
+        assert not streamed[..., :live.latency].any()  # silence while the first samples are due
+        torch.testing.assert_close(streamed[..., live.latency:], offline[source], rtol=0, atol=1e-5 * peak)
+
+
 @pytest.mark.parametrize("family,options,sizes,channels", [
     ("umx", CAUSAL, (1, 300, 64, 2000), 2),
     ("umx", dict(CAUSAL, residual=True, softmask=True), (4096,), 2),
@@ -54,21 +75,7 @@ def test_the_stream_is_the_offline_separation_delayed_by_the_latency(tmp_path, f
     offline = separator.separate_tensor(wav, 44100)  # split=False would be the same: UMX's default chunk is 30 s
     live = separator.stream()
     assert live.latency == options["n_fft"] - 1
-    pieces = {source: [] for source in SOURCES}
-    for block in _blocks(wav, sizes):
-        stems = live.push(block)
-        for source in SOURCES:
-            assert stems[source].shape == block.shape  # as many samples out as in, the input's channels
-            pieces[source].append(stems[source])
-    for source, stem in live.flush().items():
-        assert stem.shape == (channels, live.latency)
-        pieces[source].append(stem)
-    peak = max(float(stem.abs().max()) for stem in offline.values())
-    assert peak > 1e-2
-    for source in SOURCES:
-        streamed = torch.cat(pieces[source], dim=-1)
-        assert not streamed[..., :live.latency].any()  # silence while the first samples are due
-        torch.testing.assert_close(streamed[..., live.latency:], offline[source], rtol=0, atol=1e-5 * peak)
+    _assert_streamed_is_offline_delayed(live, wav, sizes, offline)
     with pytest.raises(DemixError, match="flushed"):
         live.push(wav[:, :10])
 
@@ -122,21 +129,7 @@ def test_the_slicq_cdae_stream_is_the_offline_separation_delayed_by_the_latency(
     live = separator.stream()
     transform = model.transform
     assert live.latency == model.lookahead == transform.slice_length + transform.slice_support - 1 == 1432
-    pieces = {source: [] for source in SOURCES}
-    for block in _blocks(wav, sizes):
-        stems = live.push(block)
-        for source in SOURCES:
-            assert stems[source].shape == block.shape
-            pieces[source].append(stems[source])
-    for source, stem in live.flush().items():
-        assert stem.shape == (channels, live.latency)
-        pieces[source].append(stem)
-    peak = max(float(stem.abs().max()) for stem in offline.values())
-    assert peak > 1e-2
-    for source in SOURCES:
-        streamed = torch.cat(pieces[source], dim=-1)
-        assert not streamed[..., :live.latency].any()
-        torch.testing.assert_close(streamed[..., live.latency:], offline[source], rtol=0, atol=1e-5 * peak)
+    _assert_streamed_is_offline_delayed(live, wav, sizes, offline)
 
 
 @pytest.mark.parametrize("length", [1, 700, 5000])

@@ -1,5 +1,4 @@
 """The sliced constant-Q transform, checked against nsgt 0.19 (numpy, float64) and xumx-slicq-v2 1.0.0a2."""
-import itertools
 import math
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from demixlab.spectral import (SCALES, SliCQT, StreamingInverseSliCQT, Streaming
                                overlap_add, unflatten_slices)
 from demixlab.spectral.plot import plot_slicqt
 from tests.references import import_reference
+from tests.test_streaming import _blocks
 
 nsgt_fscale = import_reference("nsgt.fscale")
 nsgt_nsgfwin = import_reference("nsgt.nsgfwin_sl")
@@ -49,15 +49,6 @@ def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 # -- block-wise (streaming) transform ------------------------------------------------------------
 
-def _pieces(signal: torch.Tensor, sizes: tuple):
-    position = 0
-    for size in itertools.cycle(sizes):
-        if position >= signal.shape[-1]:
-            return
-        yield signal[..., position:position + size]
-        position += size
-
-
 @pytest.mark.parametrize("name,dtype", [("tiny", torch.float64), ("tiny", torch.float32), ("mel", torch.float32)])
 @pytest.mark.parametrize("sizes", [(1, 37, 200, 3), (512,), (5000, 1)])
 def test_block_wise_slicqt_is_the_whole_signal_transform(name, dtype, sizes):
@@ -70,7 +61,7 @@ def test_block_wise_slicqt_is_the_whole_signal_transform(name, dtype, sizes):
         signal = noise(2, 3, length, dtype=dtype, seed=length)
         whole = slicqt(signal)
         analysis, pushed, parts = StreamingSliCQT(slicqt), 0, []
-        for block in _pieces(signal, sizes):
+        for block in _blocks(signal, sizes):
             parts.append(analysis.push(block))
             pushed += block.shape[-1]
             # slice s covers samples from (s - 1) * hop; it is returned as soon as its window's support arrived
