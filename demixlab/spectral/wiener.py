@@ -32,17 +32,10 @@ def wiener(targets: torch.Tensor, mix: torch.Tensor, iterations: int = 1, *, sof
     """
     frames = mix.shape[-1]
     step = window if window else frames
-    output: tp.Optional[torch.Tensor] = None
-    for start in range(0, frames, step):
-        filtered = _wiener_window(targets[..., start:start + step], mix[..., start:start + step], iterations,
-                                  softmask, residual, scale_factor, eps)
-        if step >= frames:
-            return filtered
-        if output is None:  # filled window by window: no list of windows and no concatenated copy
-            output = filtered.new_empty(*filtered.shape[:-1], frames)
-        output[..., start:start + filtered.shape[-1]] = filtered
-    assert output is not None
-    return output
+    outputs = [_wiener_window(targets[..., start:start + step], mix[..., start:start + step], iterations,
+                              softmask, residual, scale_factor, eps)
+               for start in range(0, frames, step)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
 def _wiener_window(targets: torch.Tensor, mix: torch.Tensor, iterations: int, softmask: bool, residual: bool,
