@@ -2,9 +2,11 @@
 onnxruntime (same machine, same input), and the SDR change against the float32 model, in one table.
 
     python bench/compress.py [--families umx xumx ...] [--tracks 3] [--seconds 6] [--prune 0.3]
+    python bench/compress.py --models TRAINED.th ... [--tracks 3] [--seconds 60]
 
 Every family gets a small model with random weights (scaled like trained ones; no weights can be
-downloaded here), written as a model file, then compressed with `demixlab export FILE.th`:
+downloaded here), written as a model file, or `--models` gives trained model files (`demixlab
+export SIG`, e.g. of the README's main job), then compressed with `demixlab export FILE.th`:
 
 - float32: the model file and its ONNX export (`--onnx`);
 - half: float16 weights (`--half --onnx`): the file and the ONNX graph halve, compute stays float32;
@@ -17,13 +19,16 @@ seconds to separate the whole test set in each runtime, the SDR change against t
 PyTorch model (mean over tracks and sources of the MDX global SDR against the true stems), and
 the fidelity: the SDR of the variant's stems against the float32 model's (how much the output
 moved; float rounding gives ~100+ dB). With random weights the SDRs themselves are meaningless;
-the changes measure what compression does to the output, not to a trained model's quality.
+the changes measure what compression does to the output, not to a trained model's quality. With
+`--models`, the float32 model's own SDR is printed above its rows and dSDR is the quality change;
+`--seconds 60` or more makes the test songs long.
 """
 import argparse
 import contextlib
 import io
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demixlab.commands import main as cli  # noqa: E402
 from demixlab.data.toy import TOY_SOURCES, synthesize_track  # noqa: E402
 from demixlab.models import family_names, get_family  # noqa: E402
-from demixlab.release.model_file import package_model, save_package  # noqa: E402
+from demixlab.release.model_file import load_package, package_model, save_package  # noqa: E402
 from demixlab.separation import Separator  # noqa: E402
 
 RATE = 44100
@@ -84,6 +89,8 @@ def main() -> None:
     parser.add_argument("--tracks", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--prune", type=float, default=0.3)
+    parser.add_argument("--models", nargs="+", type=Path, default=[],
+                        help="trained model files (44.1 kHz, drums/bass/other/vocals) instead of random weights")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)  # the quantiser's INFO lines
     references = []  # (4, 2, T) per track, in TOY_SOURCES order
@@ -93,22 +100,30 @@ def main() -> None:
     mixtures = [reference.sum(dim=0) for reference in references]
     prune_name = f"prune{round(100 * args.prune)}"
     print(f"toy test set: {args.tracks} x {args.seconds:g} s stereo 44.1 kHz; {torch.get_num_threads()} threads; "
-          "random weights (see the docstring)")
+          + ("trained models" if args.models else "random weights (see the docstring)"))
     header = (f"{'family':>12} {'variant':>9} {'params':>8} {'.th kB':>8} {'.onnx kB':>9} {'torch s':>8} "
               f"{'ORT s':>7} {'dSDR torch':>10} {'dSDR ORT':>9} {'fidelity dB':>11}")
     print(header)
-    for family in args.families:
+    for family, trained in [(name, None) for name in ([] if args.models else args.families)] + [
+            (load_package(path)["family"], path) for path in args.models]:
         with tempfile.TemporaryDirectory(prefix="compress-") as folder:
             repo = Path(folder)
-            torch.manual_seed(0)
-            model = get_family(family).build_model(SOURCES, RATE, 2, OPTIONS[family])
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter.add_(0.05 * torch.randn_like(parameter))
-            params = sum(parameter.numel() for parameter in model.parameters())
-            segment = OPTIONS[family].get("segment")
-            save_package(package_model(family, OPTIONS[family], model.state_dict(), sources=SOURCES, samplerate=RATE,
-                                       audio_channels=2, segment=segment), repo / "m.th")
+            if trained is None:
+                torch.manual_seed(0)
+                model = get_family(family).build_model(SOURCES, RATE, 2, OPTIONS[family])
+                with torch.no_grad():
+                    for parameter in model.parameters():
+                        parameter.add_(0.05 * torch.randn_like(parameter))
+                params = sum(parameter.numel() for parameter in model.parameters())
+                segment = OPTIONS[family].get("segment")
+                save_package(package_model(family, OPTIONS[family], model.state_dict(), sources=SOURCES,
+                                           samplerate=RATE, audio_channels=2, segment=segment), repo / "m.th")
+            else:
+                package = load_package(trained)
+                if list(package["sources"]) != SOURCES or int(package["samplerate"]) != RATE:
+                    sys.exit(f"{trained}: expected a {RATE} Hz model of {SOURCES} (the toy test set's sources)")
+                params = sum(value.numel() for value in package["state"].values() if value.is_floating_point())
+                shutil.copyfile(trained, repo / "m.th")
             quiet("export", str(repo / "m.th"), "--onnx")
             quiet("export", str(repo / "m.th"), "--half", "--onnx")
             quiet("export", str(repo / "m.th"), "--prune", str(args.prune), "--onnx")
@@ -127,6 +142,8 @@ def main() -> None:
                         for backend, outputs in results.items()}
                 if baseline is None:
                     baseline, base_sdr = results["torch"], sdrs["torch"]
+                    if trained is not None:
+                        print(f"{trained}: {family}, float32 SDR {base_sdr:.3f} dB (mean over tracks and sources)")
                 compared = results.get("torch", results["onnxruntime"]) if variant != "float32" else results["onnxruntime"]
                 fidelity = sum(global_sdr(stems[source], base[source]) for stems, base in zip(compared, baseline)
                                for source in SOURCES) / (len(SOURCES) * len(references))

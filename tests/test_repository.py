@@ -85,6 +85,23 @@ def test_a_single_model_is_a_one_entry_bag(repo):
     assert Repository(repo).names() == ["hd_b", "umx_a"]
 
 
+def test_a_built_bag_holds_each_model_s_weights_once(repo):
+    """A bag's models use the file's tensors instead of copies (a copy doubled a separation's memory)."""
+    bag = Repository(repo).load("umx_a").build()
+    member = bag.members[0]
+    model_state = member.model.state_dict()
+    assert set(model_state) == set(member.package["state"])
+    for key, value in member.package["state"].items():
+        assert model_state[key].data_ptr() == value.data_ptr(), key
+    # A model built on its own still copies: the package keeps its values when that model changes.
+    copy = model_from_package(member.package)
+    with torch.no_grad():
+        next(copy.parameters()).add_(1.0)
+    stored = torch.load(repo / "umx_a.th", weights_only=True)["state"]
+    for key, value in member.package["state"].items():
+        torch.testing.assert_close(value, stored[key], rtol=0, atol=0)
+
+
 def test_models_with_all_zero_weights_are_neither_built_nor_run(repo, raising_family):
     package = package_model("test-raising", {"marker": 1}, {}, sources=SOURCES, samplerate=RATE, audio_channels=2)
     save_package(package, repo / "raises.th")

@@ -109,12 +109,15 @@ def check_package(package: tp.Any, where: str = "model package") -> None:
 
 
 def model_from_package(package: tp.Mapping[str, tp.Any],
-                       overrides: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> SeparationModel:
+                       overrides: tp.Optional[tp.Mapping[str, tp.Any]] = None,
+                       share_weights: bool = False) -> SeparationModel:
     """Build the family's model from a model file's content, load its weights, eval mode.
 
     `overrides` replace constructor options stored in `kwargs` (inference options such as the
     UMX/X-UMX Wiener `wiener_iterations`, `wiener_window`, `softmask`, `residual`); an option the
-    family does not have is a :class:`DemixError` naming it.
+    family does not have is a :class:`DemixError` naming it. With `share_weights`, the model's
+    float32 parameters and buffers are the package's tensors, not copies (half the memory; the
+    package then changes with the model).
     """
     where = str(package.get("signature") or package.get("family") or "model package") \
         if isinstance(package, dict) else "model package"
@@ -127,7 +130,7 @@ def model_from_package(package: tp.Mapping[str, tp.Any],
     state = {key: value.float() if value.dtype == torch.float16 else value
              for key, value in package["state"].items()}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=share_weights)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()
         detail = " ".join(line.strip() for line in first_line[:2])
