@@ -56,9 +56,10 @@ FILTERS_LEN = 512
 SINGULAR_RCOND = 1e-10  # smallest / largest squared Cholesky pivot below which the system counts as singular
 METRICS = ("sdr", "isr", "sir", "sar")
 _EPS = float(np.finfo(np.float64).eps)  # museval's regularisation of the Gram matrix
-_CORRELATION_FFT = 65536  # block FFT size for the track-long cross-correlations
+_CORRELATION_FFT = 65536  # block FFT size for the track-long cross-correlations (see _lagged_correlations)
+_CORRELATION_FFT_ONE_THREAD = 16384  # the same on one CPU thread
+_CORRELATION_CHUNK = 1 << 20  # samples of FFT input per row transformed at once (bounds memory on long tracks)
 _FRAMES_PER_CHUNK = 16  # frames projected at once (bounds memory on long tracks)
-_BLOCKS_PER_CHUNK = 16  # correlation blocks transformed at once (idem)
 _BINS_PER_TILE = 1024  # frequency bins per cache-sized tile (single-threaded only, see _tile_bins)
 _warned_singular = False
 
@@ -211,8 +212,7 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
     sources, channels, _ = refs.shape
     pairs = sources * channels
     lag = filters_len - 1
-    flat_refs = refs.reshape(pairs, -1)
-    correlations = _lagged_correlations(flat_refs, [flat_refs, ests.reshape(pairs, -1)], lag)
+    correlations = _lagged_correlations(torch.cat([refs, ests]).reshape(2 * pairs, -1), pairs, lag)
     # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]
     # = flipped[p, q, lag - a + b]: row a of every block is one contiguous slice of `flipped`
     # (filters_len slice copies beat one gather with computed indices 2x).
@@ -307,46 +307,50 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
     return torch.stack(solutions).reshape(rhs.shape), singular
 
 
-def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor], max_lag: int) -> torch.Tensor:
-    """corr[p, q, max_lag + k] = sum_n first[p, n] second[q, n + k] for |k| <= max_lag.
+def _lagged_correlations(signals: torch.Tensor, first_rows: int, max_lag: int) -> torch.Tensor:
+    """corr[p, q, max_lag + k] = sum_n signals[p, n] signals[q, n + k] for p < first_rows, every q
+    and |k| <= max_lag: (Q, T) -> (first_rows, Q, 2 max_lag + 1).
 
-    (P, T) and (Q, T) (``second``'s (Q_i, T) stacked) -> (P, Q, 2 max_lag + 1), by FFTs of short
-    blocks summed in the frequency domain (the full-length FFT of a long track would need an
-    (P, Q, T) product).
+    By FFTs of short blocks summed in the frequency domain (the full-length FFT of a long track
+    would need a (P, Q, T) product): block u of the first rows (``block`` samples, zero-padded)
+    against samples [u*block - max_lag, (u+1)*block + max_lag) of every row (zero outside the
+    track), one FFT of the latter per row and block; the former are its middle.
     """
-    length = first.shape[-1]
-    n_fft = max(_CORRELATION_FFT, _fast_size(4 * max_lag + 2))
+    rows, length = signals.shape
+    # Smaller blocks are cheaper on one thread (less to inverse-transform, cache-sized FFTs: 0.32
+    # against 0.36 s for 32768 and 0.44 s for 65536, 20 s track); on several threads every op is
+    # a fork/join and the 4x as many per-block ops of 16384 cost up to 2x on a busy machine.
+    fft_size = _CORRELATION_FFT_ONE_THREAD if _single_cpu_thread(signals.device) else _CORRELATION_FFT
+    n_fft = max(fft_size, _fast_size(4 * max_lag + 2))
     block = n_fft - 2 * max_lag
     blocks = -(-length // block)
-    # Block u of `second` spans samples [u*block - max_lag, (u+1)*block + max_lag) of one buffer
-    # holding the signals between zero edges (only the edges are zeroed; nothing is concatenated).
-    rows = first.shape[0] + sum(part.shape[0] for part in second)
-    padded = torch.empty(rows, blocks * block + 2 * max_lag, dtype=first.dtype, device=first.device)
-    padded[:, :max_lag].zero_()
-    padded[:, max_lag + length:].zero_()
-    row = 0
-    for part in [first, *second]:
-        padded[row:row + part.shape[0], max_lag:max_lag + length].copy_(part)
-        row += part.shape[0]
-    first_blocks = padded[:first.shape[0], max_lag:max_lag + blocks * block].unfold(-1, block, block)  # (P, U, block)
-    second_blocks = padded[first.shape[0]:].unfold(-1, block + 2 * max_lag, block)  # (Q, U, block + 2 max_lag)
     bins = n_fft // 2 + 1
-    tile_bins = _tile_bins(bins, first.device)
-    cross = torch.empty(first.shape[0], second_blocks.shape[0], bins, dtype=torch.complex128, device=first.device)
-    for start in range(0, blocks, _BLOCKS_PER_CHUNK):
-        chunk = slice(start, start + _BLOCKS_PER_CHUNK)
-        first_spec = torch.fft.rfft(first_blocks[:, chunk], n=n_fft).conj()  # lazy: resolved per tile
-        second_spec = torch.fft.rfft(second_blocks[:, chunk], n=n_fft)
-        # One broadcast multiply-add per block: a batched matmul over frequencies (einsum) is
-        # 20x slower on some CPU builds (complex bmm falls back to one small GEMM per bin).
-        # Frequency tiles outermost keep the (P, Q, tile) accumulator in cache over the blocks.
+    tile_bins = _tile_bins(bins, signals.device)
+    per_chunk = max(1, _CORRELATION_CHUNK // n_fft)
+    cross = torch.empty(first_rows, rows, bins, dtype=torch.complex128, device=signals.device)
+    for start in range(0, blocks, per_chunk):
+        count = min(per_chunk, blocks - start)
+        windows = torch.empty(rows, count, n_fft, dtype=signals.dtype, device=signals.device)
+        for index in range(count):  # window of block start + index, zero outside the track
+            begin = (start + index) * block - max_lag
+            low, high = max(begin, 0), min(begin + n_fft, length)
+            windows[:, index, :low - begin].zero_()
+            windows[:, index, low - begin:high - begin].copy_(signals[:, low:high])
+            windows[:, index, high - begin:].zero_()
+        long_spec = torch.fft.rfft(windows)
+        short_spec = torch.fft.rfft(windows[:first_rows, :, max_lag:max_lag + block], n=n_fft).conj()  # lazy
+        del windows
+        # One broadcast multiply-add per block: a batched matmul over frequencies (einsum, or
+        # torch.bmm on real or complex operands) costs more than the products (per-bin GEMMs
+        # of a few rows are all overhead). Frequency tiles outermost keep the (P, Q, tile)
+        # accumulator in cache over the blocks.
         for low in range(0, bins, tile_bins):
             tile = slice(low, low + tile_bins)
             accumulator = cross[:, :, tile]
-            for block_index in range(first_spec.shape[1]):
-                first_tile = first_spec[:, block_index, None, tile]
-                second_tile = second_spec[None, :, block_index, tile]
-                if start == 0 and block_index == 0:
+            for index in range(count):
+                first_tile = short_spec[:, index, None, tile]
+                second_tile = long_spec[None, :, index, tile]
+                if start == 0 and index == 0:
                     torch.mul(first_tile, second_tile, out=accumulator)
                 else:
                     accumulator.addcmul_(first_tile, second_tile)
@@ -357,8 +361,12 @@ def _tile_bins(bins: int, device: torch.device) -> int:
     """Frequency bins per tile: cache-sized on one CPU thread; the whole spectrum on several
     threads, where every op is an OpenMP fork/join and thousands of small ones cost more than the
     cache saves (2 threads on a busy 2-core machine: up to 2x slower than untiled), and on GPUs."""
-    single_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
-    return min(_BINS_PER_TILE, bins) if single_cpu_thread else bins
+    return min(_BINS_PER_TILE, bins) if _single_cpu_thread(device) else bins
+
+
+def _single_cpu_thread(device: torch.device) -> bool:
+    """Whether torch computes on one CPU thread (tiled, small-block code paths)."""
+    return device.type == "cpu" and torch.get_num_threads() == 1
 
 
 def _fast_size(n: int) -> int:
