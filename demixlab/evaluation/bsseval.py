@@ -155,9 +155,9 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
     tile_bins = _tile_bins(bins, refs.device)
     # Spectra of the filters, (S_est, C_ref * S_ref, C_out, K) (pairs in the order of the
     # frames' (C, S) spectra below) and (S, C_ref, C_out, K).
-    spec_all = torch.fft.rfft(filters_all, n=n_fft, dim=3).permute(0, 2, 1, 4, 3)
+    spec_all = _padded_rfft(filters_all.permute(0, 2, 1, 4, 3), n_fft)
     spec_all = spec_all.reshape(sources, channels * sources, channels, bins)
-    spec_own = torch.fft.rfft(filters_own, n=n_fft, dim=2).permute(0, 1, 3, 2).contiguous()
+    spec_own = _padded_rfft(filters_own.permute(0, 1, 3, 2), n_fft)
 
     def energy(spectrum: torch.Tensor, low: int) -> torch.Tensor:  # (..., C, bins low:) -> (...)
         """n_fft x the energy that bins [low, low + tile) of real signals' rfft carry (Parseval:
@@ -173,8 +173,8 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
     isr, sir, sar = [], [], []
     for start in range(0, ref_frames.shape[2], _FRAMES_PER_CHUNK):
         chunk = slice(start, start + _FRAMES_PER_CHUNK)
-        ref_spec = torch.fft.rfft(ref_frames[:, :, chunk].permute(2, 1, 0, 3), n=n_fft)  # (F, C, S, K)
-        est_spec = torch.fft.rfft(est_frames[:, :, chunk].permute(2, 0, 1, 3), n=n_fft)  # (F, S, C, K)
+        ref_spec = _padded_rfft(ref_frames[:, :, chunk].permute(2, 1, 0, 3), n_fft)  # (F, C, S, K)
+        est_spec = _padded_rfft(est_frames[:, :, chunk].permute(2, 0, 1, 3), n_fft)  # (F, S, C, K)
         flat = ref_spec.reshape(ref_spec.shape[0], channels * sources, 1, 1, bins)
         # Energies of P_j, P_all, e - P_all, P_all - P_j and P_j - s per (F, S), summed over
         # cache-sized frequency tiles (the projections never exist for the whole spectrum).
@@ -338,7 +338,7 @@ def _lagged_correlations(signals: torch.Tensor, first_rows: int, max_lag: int) -
             windows[:, index, low - begin:high - begin].copy_(signals[:, low:high])
             windows[:, index, high - begin:].zero_()
         long_spec = torch.fft.rfft(windows)
-        short_spec = torch.fft.rfft(windows[:first_rows, :, max_lag:max_lag + block], n=n_fft).conj()  # lazy
+        short_spec = _padded_rfft(windows[:first_rows, :, max_lag:max_lag + block], n_fft).conj()  # lazy conj
         del windows
         # One broadcast multiply-add per block: a batched matmul over frequencies (einsum, or
         # torch.bmm on real or complex operands) costs more than the products (per-bin GEMMs
@@ -355,6 +355,16 @@ def _lagged_correlations(signals: torch.Tensor, first_rows: int, max_lag: int) -
                 else:
                     accumulator.addcmul_(first_tile, second_tile)
     return torch.fft.irfft(cross, n=n_fft)[..., :2 * max_lag + 1]
+
+
+def _padded_rfft(signal: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """``torch.fft.rfft(signal, n=n_fft)`` of a (..., W <= n_fft) tensor (any strides), through a
+    buffer of which only the padding is zeroed: torch's own padding zero-fills the whole buffer
+    before copying the signal in (320 frames of 1 s at 45000 points: 0.175 s against 0.11 s)."""
+    buffer = signal.new_empty(*signal.shape[:-1], n_fft)
+    buffer[..., signal.shape[-1]:].zero_()
+    buffer[..., :signal.shape[-1]].copy_(signal)
+    return torch.fft.rfft(buffer)
 
 
 def _tile_bins(bins: int, device: torch.device) -> int:
