@@ -84,10 +84,14 @@ def bss_eval_v4(references: torch.Tensor, estimates: torch.Tensor, window: int, 
         frames, frame_len = 1, length
     ref_frames = refs.unfold(-1, frame_len, hop)[..., :frames, :]  # (S, C, F, W)
     est_frames = ests.unfold(-1, frame_len, hop)[..., :frames, :]
-    silent = _silent(ref_frames).any(0) | _silent(est_frames).any(0)  # (F,)
-
-    signal = ref_frames.pow(2).sum(dim=(1, 3))  # (S, F)
-    out = {"sdr": _safe_db(signal, (est_frames - ref_frames).pow(2).sum(dim=(1, 3)))}
+    # One work buffer for the error, the squares and the channel sums (three fewer track-sized
+    # temporaries; the same sums as (x ** 2).sum(), so the same rounding as before).
+    work = torch.sub(est_frames, ref_frames)  # (S, C, F, W)
+    error = work.square_().sum(dim=(1, 3))  # (S, F)
+    signal = torch.mul(ref_frames, ref_frames, out=work).sum(dim=(1, 3))
+    silent = _silent(ref_frames, work) | _silent(est_frames, work)  # (F,)
+    del work
+    out = {"sdr": _safe_db(signal, error)}
     if not sdr_only:
         if bool(silent.all()):
             nan = torch.full_like(signal, math.nan)
@@ -129,9 +133,11 @@ def _check_inputs(references: torch.Tensor, estimates: torch.Tensor, window: int
             raise DemixError(f"{name} must be a positive number of samples, got {value!r}")
 
 
-def _silent(frames: torch.Tensor) -> torch.Tensor:
-    """(S, C, F, W) -> (S, F): museval's test, the channel sum is zero at every sample."""
-    return (frames.sum(1) == 0).all(-1)
+def _silent(frames: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """(S, C, F, W) -> (F,): whether any source is silent in the frame (museval's test: the
+    channel sum is zero at every sample). ``work``: an (S, C, F, W) buffer to overwrite."""
+    channel_sums = torch.sum(frames, dim=1, out=work[:, 0])
+    return ~channel_sums.any(-1).all(0)
 
 
 def _safe_db(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -212,7 +218,7 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
     sources, channels, _ = refs.shape
     pairs = sources * channels
     lag = filters_len - 1
-    correlations = _lagged_correlations(torch.cat([refs, ests]).reshape(2 * pairs, -1), pairs, lag)
+    correlations = _lagged_correlations([refs.reshape(pairs, -1), ests.reshape(pairs, -1)], lag)
     # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]
     # = flipped[p, q, lag - a + b]: row a of every block is one contiguous slice of `flipped`
     # (filters_len slice copies beat one gather with computed indices 2x).
@@ -307,35 +313,40 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
     return torch.stack(solutions).reshape(rhs.shape), singular
 
 
-def _lagged_correlations(signals: torch.Tensor, first_rows: int, max_lag: int) -> torch.Tensor:
-    """corr[p, q, max_lag + k] = sum_n signals[p, n] signals[q, n + k] for p < first_rows, every q
-    and |k| <= max_lag: (Q, T) -> (first_rows, Q, 2 max_lag + 1).
+def _lagged_correlations(signals: tp.Sequence[torch.Tensor], max_lag: int) -> torch.Tensor:
+    """corr[p, q, max_lag + k] = sum_n signals[p, n] signals[q, n + k] for the rows p of the first
+    tensor, the rows q of all (stacked) and |k| <= max_lag: (P, T), ... -> (P, Q, 2 max_lag + 1).
 
     By FFTs of short blocks summed in the frequency domain (the full-length FFT of a long track
     would need a (P, Q, T) product): block u of the first rows (``block`` samples, zero-padded)
     against samples [u*block - max_lag, (u+1)*block + max_lag) of every row (zero outside the
     track), one FFT of the latter per row and block; the former are its middle.
     """
-    rows, length = signals.shape
+    first_rows, length = signals[0].shape
+    rows = sum(part.shape[0] for part in signals)
+    device, dtype = signals[0].device, signals[0].dtype
     # Smaller blocks are cheaper on one thread (less to inverse-transform, cache-sized FFTs: 0.32
     # against 0.36 s for 32768 and 0.44 s for 65536, 20 s track); on several threads every op is
     # a fork/join and the 4x as many per-block ops of 16384 cost up to 2x on a busy machine.
-    fft_size = _CORRELATION_FFT_ONE_THREAD if _single_cpu_thread(signals.device) else _CORRELATION_FFT
+    fft_size = _CORRELATION_FFT_ONE_THREAD if _single_cpu_thread(device) else _CORRELATION_FFT
     n_fft = max(fft_size, _fast_size(4 * max_lag + 2))
     block = n_fft - 2 * max_lag
     blocks = -(-length // block)
     bins = n_fft // 2 + 1
-    tile_bins = _tile_bins(bins, signals.device)
+    tile_bins = _tile_bins(bins, device)
     per_chunk = max(1, _CORRELATION_CHUNK // n_fft)
-    cross = torch.empty(first_rows, rows, bins, dtype=torch.complex128, device=signals.device)
+    cross = torch.empty(first_rows, rows, bins, dtype=torch.complex128, device=device)
     for start in range(0, blocks, per_chunk):
         count = min(per_chunk, blocks - start)
-        windows = torch.empty(rows, count, n_fft, dtype=signals.dtype, device=signals.device)
+        windows = torch.empty(rows, count, n_fft, dtype=dtype, device=device)
         for index in range(count):  # window of block start + index, zero outside the track
             begin = (start + index) * block - max_lag
             low, high = max(begin, 0), min(begin + n_fft, length)
             windows[:, index, :low - begin].zero_()
-            windows[:, index, low - begin:high - begin].copy_(signals[:, low:high])
+            row = 0
+            for part in signals:
+                windows[row:row + part.shape[0], index, low - begin:high - begin].copy_(part[:, low:high])
+                row += part.shape[0]
             windows[:, index, high - begin:].zero_()
         long_spec = torch.fft.rfft(windows)
         short_spec = _padded_rfft(windows[:first_rows, :, max_lag:max_lag + block], n_fft).conj()  # lazy conj
