@@ -59,11 +59,14 @@ _EPS = float(np.finfo(np.float64).eps)  # museval's regularisation of the Gram m
 _CORRELATION_FFT = 65536  # block FFT size for the track-long cross-correlations (see _lagged_correlations)
 _CORRELATION_FFT_ONE_THREAD = 16384  # the same on one CPU thread
 _CORRELATION_CHUNK = 1 << 17  # samples of FFT input per row transformed at once (see _FRAMES_PER_CHUNK)
-# Frames projected at once. Small chunks keep every buffer below glibc's mmap threshold (32 MB),
-# so that the allocator reuses them: a fresh mmap-ed buffer costs a page fault per 4 KB, and the
-# faults were 0.1-0.7 s of system time per 20 s track with 16 frames and 1M-sample correlation
-# chunks (155 000 faults; 47 000 now, of which 33 000 are the Gram matrix's own).
-_FRAMES_PER_CHUNK = 4
+# Frames projected at once (bounds memory on long tracks). On one CPU thread, small chunks keep
+# every buffer below glibc's mmap threshold (32 MB), so that the allocator reuses them: a fresh
+# mmap-ed buffer costs a page fault per 4 KB, and the faults were 0.1-0.7 s of system time per
+# 20 s track with 16 frames and 1M-sample correlation chunks (155 000 faults; 47 000 now, of which
+# 33 000 are the Gram matrix's own). On several threads the 4x as many ops (each a fork/join)
+# cost more than the faults (2 threads, busy machine: 4.9 s against 4.0 s per 20 s track).
+_FRAMES_PER_CHUNK = 16
+_FRAMES_PER_CHUNK_ONE_THREAD = 4
 _BINS_PER_TILE = 1024  # frequency bins per cache-sized tile (single-threaded only, see _tile_bins)
 _warned_singular = False
 
@@ -88,13 +91,17 @@ def bss_eval_v4(references: torch.Tensor, estimates: torch.Tensor, window: int, 
         frames, frame_len = 1, length
     ref_frames = refs.unfold(-1, frame_len, hop)[..., :frames, :]  # (S, C, F, W)
     est_frames = ests.unfold(-1, frame_len, hop)[..., :frames, :]
-    # One work buffer for the error, the squares and the channel sums (three fewer track-sized
-    # temporaries; the same sums as (x ** 2).sum(), so the same rounding as before).
-    work = torch.sub(est_frames, ref_frames)  # (S, C, F, W)
-    error = work.square_().sum(dim=(1, 3))  # (S, F)
-    signal = torch.mul(ref_frames, ref_frames, out=work).sum(dim=(1, 3))
-    silent = _silent(ref_frames, work) | _silent(est_frames, work)  # (F,)
-    del work
+    # Per chunk of frames, one work buffer for the error, the squares and the channel sums (no
+    # track-sized temporaries; the same sums as (x ** 2).sum(), so the same rounding as before).
+    error, signal, silent = [], [], []
+    frames_per_chunk = _frames_per_chunk(device)
+    for start in range(0, frames, frames_per_chunk):
+        chunk = slice(start, start + frames_per_chunk)
+        work = torch.sub(est_frames[:, :, chunk], ref_frames[:, :, chunk])  # (S, C, F, W)
+        error.append(work.square_().sum(dim=(1, 3)))  # (S, F)
+        signal.append(torch.mul(ref_frames[:, :, chunk], ref_frames[:, :, chunk], out=work).sum(dim=(1, 3)))
+        silent.append(_silent(ref_frames[:, :, chunk], work) | _silent(est_frames[:, :, chunk], work))  # (F,)
+    error, signal, silent = torch.cat(error, 1), torch.cat(signal, 1), torch.cat(silent)
     out = {"sdr": _safe_db(signal, error)}
     if not sdr_only:
         if bool(silent.all()):
@@ -181,8 +188,9 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
         return total
 
     isr, sir, sar = [], [], []
-    for start in range(0, ref_frames.shape[2], _FRAMES_PER_CHUNK):
-        chunk = slice(start, start + _FRAMES_PER_CHUNK)
+    frames_per_chunk = _frames_per_chunk(refs.device)
+    for start in range(0, ref_frames.shape[2], frames_per_chunk):
+        chunk = slice(start, start + frames_per_chunk)
         ref_spec = _padded_rfft(ref_frames[:, :, chunk].permute(2, 1, 0, 3), n_fft)  # (F, C, S, K)
         est_spec = _padded_rfft(est_frames[:, :, chunk].permute(2, 0, 1, 3), n_fft)  # (F, S, C, K)
         flat = ref_spec.reshape(ref_spec.shape[0], channels * sources, 1, 1, bins)
@@ -387,6 +395,11 @@ def _tile_bins(bins: int, device: torch.device) -> int:
     threads, where every op is an OpenMP fork/join and thousands of small ones cost more than the
     cache saves (2 threads on a busy 2-core machine: up to 2x slower than untiled), and on GPUs."""
     return min(_BINS_PER_TILE, bins) if _single_cpu_thread(device) else bins
+
+
+def _frames_per_chunk(device: torch.device) -> int:
+    """Frames processed at once: see _FRAMES_PER_CHUNK."""
+    return _FRAMES_PER_CHUNK_ONE_THREAD if _single_cpu_thread(device) else _FRAMES_PER_CHUNK
 
 
 def _single_cpu_thread(device: torch.device) -> bool:
