@@ -25,16 +25,25 @@ that is numerically singular when the references are band-limited (synthesizers,
 dataset, bass stems...): museval's own values then change by several dB when its input is
 scaled by 1 + 1e-12, and no implementation can reproduce them; a warning is logged (once) then.
 
-Here all cross-correlations come from blocked FFTs, the big Gram system is solved once for all
-estimates (museval refactorises it per source) by Cholesky, and the per-frame projections of all
-frames and sources are batched products in the frequency domain, their energies by Parseval;
-single-threaded, the correlation sums and the projections run over cache-sized frequency tiles.
+Here all cross-correlations come from blocked FFTs (every signal transformed once per block: the
+reference blocks' zero-padded middles against the windows around them), the big Gram system is
+solved once for all estimates (museval refactorises it per source) by Cholesky, and the per-frame
+projections of all frames and sources are batched products in the frequency domain, their
+energies by Parseval; single-threaded, the correlation sums and the projections run over
+cache-sized frequency tiles and small chunks of blocks and frames (buffers below glibc's mmap
+threshold are reused; fresh ones cost a page fault per 4 KB: 0.1-0.7 s per 20 s track).
+Per-bin matrix products (torch.bmm or einsum over frequencies, complex or as real blocks) were
+tried for both: with a few rows per bin they cost more than the broadcast multiply-adds.
+Where one thread's time goes on a 20 s four-source stereo track (bench/sdr.py --profile, wall
+seconds on the busy shared 2-core machine): correlations 0.50, Gram assembly 0.14, Cholesky of
+the 4096 x 4096 system 0.90, own-source systems 0.10, projections 0.46 (about half of it the
+frames' FFTs), framing and SDR 0.10; a 60 s track: 1.51, 0.16, 0.88, 0.10, 1.57, 0.34.
 On the CPU the Gram systems are factorised in place by LAPACK's potrf/potrs (scipy, one BLAS
 thread): ``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes a
-triangle afterwards (on the 4096 x 4096 system of four stereo sources, one thread: 1.4-1.7 s
+triangle afterwards (on the 4096 x 4096 system of four stereo sources, one thread: 0.7-1.7 s
 against 0.4-0.8 s in place). The own-source systems (the Gram's diagonal blocks, 1024 x 1024)
 take a tenth of the big one's time; the big factor's leading block is the first source's own
-factor, but reusing it would save about 0.015 s: not done.
+factor, but reusing it would save a quarter of that (about 0.01-0.02 s): not done.
 (A block Levinson solve of the block-Toeplitz Gram system was tried: on music-like references,
 whose systems have condition numbers of 1e7-1e9, its residual is 1e-10 against 1e-15 for Cholesky.)
 Everything runs in float64 on the inputs' device; the evaluation loop passes CPU tensors.
