@@ -1,6 +1,6 @@
 """BSS Eval v4 time and agreement: demixlab.evaluation.bsseval (torch) against museval, on the same tracks.
 
-    python bench/sdr.py [--tracks 3] [--seconds 20] [--no-museval] [--threads N]
+    python bench/sdr.py [--tracks 3] [--seconds 20] [--no-museval] [--threads N] [--profile]
     OMP_NUM_THREADS=2 python bench/sdr.py ...   # both sides on 2 threads (numpy reads it at import)
 
 Tracks are toy-dataset songs (demixlab/data/toy.py: drums, bass, other, vocals; stereo 44.1 kHz)
@@ -16,6 +16,7 @@ stems (interference) and noise. Two variants of every track:
 Every track is scored with museval.evaluate(win=hop=1 s) and with demixlab.evaluation.bsseval (all four
 metrics on CPU, SDR only on CPU, all four on CUDA when available). Prints the time per track,
 the speed-up and the largest |difference| in dB per metric over tracks, sources and frames.
+With --profile, also the CPU all-four-metrics time per stage (seconds per track, wall clock).
 """
 import argparse
 import sys
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demixlab.evaluation import bsseval  # noqa: E402
 from demixlab.evaluation.bsseval import METRICS, bss_eval_v4  # noqa: E402
 from demixlab.data.toy import TOY_SOURCES, synthesize_track  # noqa: E402
 from tests.references import import_reference  # noqa: E402
@@ -71,6 +73,44 @@ def timed(func: tp.Callable[[], tp.Any], sync: bool = False) -> tp.Tuple[tp.Any,
     return out, time.perf_counter() - begin
 
 
+class StageTimer:
+    """Wall-clock seconds spent in each stage function of demixlab.evaluation.bsseval, exclusive of
+    the stages it calls (the module's functions are wrapped while enabled)."""
+
+    STAGES = {"_lagged_correlations": "cross-correlations (FFT)", "_distortion_filters": "Gram and rhs assembly",
+              "_solve": "solve, all sources", "_solve_own": "solve, own sources", "_filtered_metrics":
+              "per-frame projections", "bss_eval_v4": "framing, SDR, silence"}
+
+    def __init__(self) -> None:
+        self.seconds: tp.Dict[str, float] = {name: 0.0 for name in self.STAGES}
+        self.enabled = False
+        self._children = [0.0]
+        for name in self.STAGES:
+            if hasattr(bsseval, name):
+                setattr(bsseval, name, self._wrap(name, getattr(bsseval, name)))
+
+    def _wrap(self, name: str, func: tp.Callable) -> tp.Callable:
+        def timed_stage(*args, **kwargs):
+            if not self.enabled:
+                return func(*args, **kwargs)
+            stage = name + "_own" if name == "_solve" and args[0].dim() > 2 else name  # the batched own systems
+            self._children.append(0.0)
+            begin = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - begin
+                self.seconds[stage] += elapsed - self._children.pop()
+                self._children[-1] += elapsed
+        return timed_stage
+
+    def report(self, runs: int) -> None:
+        total = sum(self.seconds.values())
+        print(f"stages of 'torch cpu' (s per track, exclusive; {total / runs:.3f} s in all):")
+        for name, label in self.STAGES.items():
+            print(f"  {label:<28} {self.seconds[name] / runs:>8.3f}  {100 * self.seconds[name] / total:>5.1f} %")
+
+
 def nanmedian(values: np.ndarray) -> np.ndarray:
     return np.array([np.median(row[~np.isnan(row)]) if (~np.isnan(row)).any() else np.nan for row in values])
 
@@ -81,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--no-museval", action="store_true", help="time the torch backend only")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--profile", action="store_true", help="time each stage of the CPU computation")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,6 +134,7 @@ def main() -> None:
         warm_refs, warm_ests = make_track(10_000, 2.0, True)
         bss_eval_v4(warm_refs.cuda(), warm_ests.cuda(), RATE, RATE)
         torch.cuda.synchronize()
+    profiler = StageTimer() if args.profile else None
     for variant, noise_floor in (("noise floor", True), ("band-limited", False)):
         times: tp.Dict[str, tp.List[float]] = {"museval": [], "torch cpu": [], "torch cpu sdr_only": [],
                                                "torch cuda": []}
@@ -101,8 +143,12 @@ def main() -> None:
         print(f"\n== {variant} ==")
         for track in range(args.tracks):
             references, estimates = make_track(track, args.seconds, noise_floor)
-            ours, elapsed = timed(lambda: bss_eval_v4(references, estimates, RATE, RATE))
+            if profiler is not None:
+                profiler.enabled = True
+            ours, elapsed = timed(lambda: bsseval.bss_eval_v4(references, estimates, RATE, RATE))
             times["torch cpu"].append(elapsed)
+            if profiler is not None:
+                profiler.enabled = False
             mine = [ours[metric].numpy() for metric in METRICS]
             _, elapsed = timed(lambda: bss_eval_v4(references, estimates, RATE, RATE, sdr_only=True))
             times["torch cpu sdr_only"].append(elapsed)
@@ -130,6 +176,9 @@ def main() -> None:
             if values:
                 speedup = f"{base / np.mean(values):.1f}x" if base else "-"
                 print(f"{name:<20} {np.mean(values):>12.3f} {speedup:>20}")
+        if profiler is not None:
+            profiler.report(args.tracks)
+            profiler.seconds = dict.fromkeys(profiler.seconds, 0.0)
         print("largest |difference| in dB over frames (inf: NaN/inf frames differ):")
         for name, values in diffs.items():
             if (name != "torch cuda - torch cpu" or cuda) and (museval is not None or "museval" not in name):

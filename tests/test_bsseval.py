@@ -205,3 +205,24 @@ def test_frequency_tiles_do_not_change_the_metrics(monkeypatch):
     whole = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
     for metric in METRICS:
         torch.testing.assert_close(tiled[metric], whole[metric], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("fft_size", [64, 128])
+def test_lagged_correlations_match_a_direct_sum_over_blocks_and_chunks(monkeypatch, fft_size):
+    import demixlab.evaluation.bsseval as bsseval
+    # Small blocks and chunks: several chunks of several blocks, a ragged last block (537 samples).
+    monkeypatch.setattr(bsseval, "_CORRELATION_FFT", fft_size)
+    monkeypatch.setattr(bsseval, "_CORRELATION_FFT_ONE_THREAD", fft_size)
+    monkeypatch.setattr(bsseval, "_CORRELATION_CHUNK", 3 * fft_size)
+    generator = torch.Generator().manual_seed(21)
+    first = torch.randn(3, 537, generator=generator, dtype=torch.float64)
+    second = torch.randn(2, 537, generator=generator, dtype=torch.float64)
+    max_lag = 7
+    got = bsseval._lagged_correlations([first, second], max_lag)
+    both = torch.cat([first, second])
+    length = first.shape[-1]
+    assert got.shape == (3, 5, 2 * max_lag + 1)
+    for lag in range(-max_lag, max_lag + 1):  # sum_n first[p, n] both[q, n + lag]
+        low, high = max(0, -lag), min(length, length - lag)
+        expected = first[:, None, low:high].mul(both[None, :, low + lag:high + lag]).sum(-1)
+        torch.testing.assert_close(got[..., max_lag + lag], expected, rtol=0, atol=1e-11)

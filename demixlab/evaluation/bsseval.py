@@ -25,16 +25,25 @@ that is numerically singular when the references are band-limited (synthesizers,
 dataset, bass stems...): museval's own values then change by several dB when its input is
 scaled by 1 + 1e-12, and no implementation can reproduce them; a warning is logged (once) then.
 
-Here all cross-correlations come from blocked FFTs, the big Gram system is solved once for all
-estimates (museval refactorises it per source) by Cholesky, and the per-frame projections of all
-frames and sources are batched products in the frequency domain, their energies by Parseval;
-single-threaded, the correlation sums and the projections run over cache-sized frequency tiles.
+Here all cross-correlations come from blocked FFTs (every signal transformed once per block: the
+reference blocks' zero-padded middles against the windows around them), the big Gram system is
+solved once for all estimates (museval refactorises it per source) by Cholesky, and the per-frame
+projections of all frames and sources are batched products in the frequency domain, their
+energies by Parseval; single-threaded, the correlation sums and the projections run over
+cache-sized frequency tiles and small chunks of blocks and frames (buffers below glibc's mmap
+threshold are reused; fresh ones cost a page fault per 4 KB: 0.1-0.7 s per 20 s track).
+Per-bin matrix products (torch.bmm or einsum over frequencies, complex or as real blocks) were
+tried for both: with a few rows per bin they cost more than the broadcast multiply-adds.
+Where one thread's time goes on a 20 s four-source stereo track (bench/sdr.py --profile, wall
+seconds on the busy shared 2-core machine): correlations 0.50, Gram assembly 0.14, Cholesky of
+the 4096 x 4096 system 0.90, own-source systems 0.10, projections 0.46 (about half of it the
+frames' FFTs), framing and SDR 0.10; a 60 s track: 1.51, 0.16, 0.88, 0.10, 1.57, 0.34.
 On the CPU the Gram systems are factorised in place by LAPACK's potrf/potrs (scipy, one BLAS
 thread): ``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes a
-triangle afterwards (on the 4096 x 4096 system of four stereo sources, one thread: 1.4-1.7 s
+triangle afterwards (on the 4096 x 4096 system of four stereo sources, one thread: 0.7-1.7 s
 against 0.4-0.8 s in place). The own-source systems (the Gram's diagonal blocks, 1024 x 1024)
 take a tenth of the big one's time; the big factor's leading block is the first source's own
-factor, but reusing it would save about 0.015 s: not done.
+factor, but reusing it would save a quarter of that (about 0.01-0.02 s): not done.
 (A block Levinson solve of the block-Toeplitz Gram system was tried: on music-like references,
 whose systems have condition numbers of 1e7-1e9, its residual is 1e-10 against 1e-15 for Cholesky.)
 Everything runs in float64 on the inputs' device; the evaluation loop passes CPU tensors.
@@ -56,9 +65,17 @@ FILTERS_LEN = 512
 SINGULAR_RCOND = 1e-10  # smallest / largest squared Cholesky pivot below which the system counts as singular
 METRICS = ("sdr", "isr", "sir", "sar")
 _EPS = float(np.finfo(np.float64).eps)  # museval's regularisation of the Gram matrix
-_CORRELATION_FFT = 65536  # block FFT size for the track-long cross-correlations
-_FRAMES_PER_CHUNK = 16  # frames projected at once (bounds memory on long tracks)
-_BLOCKS_PER_CHUNK = 16  # correlation blocks transformed at once (idem)
+_CORRELATION_FFT = 65536  # block FFT size for the track-long cross-correlations (see _lagged_correlations)
+_CORRELATION_FFT_ONE_THREAD = 16384  # the same on one CPU thread
+_CORRELATION_CHUNK = 1 << 17  # samples of FFT input per row transformed at once (see _FRAMES_PER_CHUNK)
+# Frames projected at once (bounds memory on long tracks). On one CPU thread, small chunks keep
+# every buffer below glibc's mmap threshold (32 MB), so that the allocator reuses them: a fresh
+# mmap-ed buffer costs a page fault per 4 KB, and the faults were 0.1-0.7 s of system time per
+# 20 s track with 16 frames and 1M-sample correlation chunks (155 000 faults; 47 000 now, of which
+# 33 000 are the Gram matrix's own). On several threads the 4x as many ops (each a fork/join)
+# cost more than the faults (2 threads, busy machine: 4.9 s against 4.0 s per 20 s track).
+_FRAMES_PER_CHUNK = 16
+_FRAMES_PER_CHUNK_ONE_THREAD = 4
 _BINS_PER_TILE = 1024  # frequency bins per cache-sized tile (single-threaded only, see _tile_bins)
 _warned_singular = False
 
@@ -83,10 +100,18 @@ def bss_eval_v4(references: torch.Tensor, estimates: torch.Tensor, window: int, 
         frames, frame_len = 1, length
     ref_frames = refs.unfold(-1, frame_len, hop)[..., :frames, :]  # (S, C, F, W)
     est_frames = ests.unfold(-1, frame_len, hop)[..., :frames, :]
-    silent = _silent(ref_frames).any(0) | _silent(est_frames).any(0)  # (F,)
-
-    signal = ref_frames.pow(2).sum(dim=(1, 3))  # (S, F)
-    out = {"sdr": _safe_db(signal, (est_frames - ref_frames).pow(2).sum(dim=(1, 3)))}
+    # Per chunk of frames, one work buffer for the error, the squares and the channel sums (no
+    # track-sized temporaries; the same sums as (x ** 2).sum(), so the same rounding as before).
+    error, signal, silent = [], [], []
+    frames_per_chunk = _frames_per_chunk(device)
+    for start in range(0, frames, frames_per_chunk):
+        chunk = slice(start, start + frames_per_chunk)
+        work = torch.sub(est_frames[:, :, chunk], ref_frames[:, :, chunk])  # (S, C, F, W)
+        error.append(work.square_().sum(dim=(1, 3)))  # (S, F)
+        signal.append(torch.mul(ref_frames[:, :, chunk], ref_frames[:, :, chunk], out=work).sum(dim=(1, 3)))
+        silent.append(_silent(ref_frames[:, :, chunk], work) | _silent(est_frames[:, :, chunk], work))  # (F,)
+    error, signal, silent = torch.cat(error, 1), torch.cat(signal, 1), torch.cat(silent)
+    out = {"sdr": _safe_db(signal, error)}
     if not sdr_only:
         if bool(silent.all()):
             nan = torch.full_like(signal, math.nan)
@@ -128,9 +153,11 @@ def _check_inputs(references: torch.Tensor, estimates: torch.Tensor, window: int
             raise DemixError(f"{name} must be a positive number of samples, got {value!r}")
 
 
-def _silent(frames: torch.Tensor) -> torch.Tensor:
-    """(S, C, F, W) -> (S, F): museval's test, the channel sum is zero at every sample."""
-    return (frames.sum(1) == 0).all(-1)
+def _silent(frames: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """(S, C, F, W) -> (F,): whether any source is silent in the frame (museval's test: the
+    channel sum is zero at every sample). ``work``: an (S, C, F, W) buffer to overwrite."""
+    channel_sums = torch.sum(frames, dim=1, out=work[:, 0])
+    return ~channel_sums.any(-1).all(0)
 
 
 def _safe_db(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -154,9 +181,9 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
     tile_bins = _tile_bins(bins, refs.device)
     # Spectra of the filters, (S_est, C_ref * S_ref, C_out, K) (pairs in the order of the
     # frames' (C, S) spectra below) and (S, C_ref, C_out, K).
-    spec_all = torch.fft.rfft(filters_all, n=n_fft, dim=3).permute(0, 2, 1, 4, 3)
+    spec_all = _padded_rfft(filters_all.permute(0, 2, 1, 4, 3), n_fft)
     spec_all = spec_all.reshape(sources, channels * sources, channels, bins)
-    spec_own = torch.fft.rfft(filters_own, n=n_fft, dim=2).permute(0, 1, 3, 2).contiguous()
+    spec_own = _padded_rfft(filters_own.permute(0, 1, 3, 2), n_fft)
 
     def energy(spectrum: torch.Tensor, low: int) -> torch.Tensor:  # (..., C, bins low:) -> (...)
         """n_fft x the energy that bins [low, low + tile) of real signals' rfft carry (Parseval:
@@ -170,10 +197,11 @@ def _filtered_metrics(refs: torch.Tensor, ests: torch.Tensor, ref_frames: torch.
         return total
 
     isr, sir, sar = [], [], []
-    for start in range(0, ref_frames.shape[2], _FRAMES_PER_CHUNK):
-        chunk = slice(start, start + _FRAMES_PER_CHUNK)
-        ref_spec = torch.fft.rfft(ref_frames[:, :, chunk].permute(2, 1, 0, 3), n=n_fft)  # (F, C, S, K)
-        est_spec = torch.fft.rfft(est_frames[:, :, chunk].permute(2, 0, 1, 3), n=n_fft)  # (F, S, C, K)
+    frames_per_chunk = _frames_per_chunk(refs.device)
+    for start in range(0, ref_frames.shape[2], frames_per_chunk):
+        chunk = slice(start, start + frames_per_chunk)
+        ref_spec = _padded_rfft(ref_frames[:, :, chunk].permute(2, 1, 0, 3), n_fft)  # (F, C, S, K)
+        est_spec = _padded_rfft(est_frames[:, :, chunk].permute(2, 0, 1, 3), n_fft)  # (F, S, C, K)
         flat = ref_spec.reshape(ref_spec.shape[0], channels * sources, 1, 1, bins)
         # Energies of P_j, P_all, e - P_all, P_all - P_j and P_j - s per (F, S), summed over
         # cache-sized frequency tiles (the projections never exist for the whole spectrum).
@@ -211,8 +239,7 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
     sources, channels, _ = refs.shape
     pairs = sources * channels
     lag = filters_len - 1
-    flat_refs = refs.reshape(pairs, -1)
-    correlations = _lagged_correlations(flat_refs, [flat_refs, ests.reshape(pairs, -1)], lag)
+    correlations = _lagged_correlations([refs.reshape(pairs, -1), ests.reshape(pairs, -1)], lag)
     # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]
     # = flipped[p, q, lag - a + b]: row a of every block is one contiguous slice of `flipped`
     # (filters_len slice copies beat one gather with computed indices 2x).
@@ -307,58 +334,86 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
     return torch.stack(solutions).reshape(rhs.shape), singular
 
 
-def _lagged_correlations(first: torch.Tensor, second: tp.Sequence[torch.Tensor], max_lag: int) -> torch.Tensor:
-    """corr[p, q, max_lag + k] = sum_n first[p, n] second[q, n + k] for |k| <= max_lag.
+def _lagged_correlations(signals: tp.Sequence[torch.Tensor], max_lag: int) -> torch.Tensor:
+    """corr[p, q, max_lag + k] = sum_n signals[p, n] signals[q, n + k] for the rows p of the first
+    tensor, the rows q of all (stacked) and |k| <= max_lag: (P, T), ... -> (P, Q, 2 max_lag + 1).
 
-    (P, T) and (Q, T) (``second``'s (Q_i, T) stacked) -> (P, Q, 2 max_lag + 1), by FFTs of short
-    blocks summed in the frequency domain (the full-length FFT of a long track would need an
-    (P, Q, T) product).
+    By FFTs of short blocks summed in the frequency domain (the full-length FFT of a long track
+    would need a (P, Q, T) product): block u of the first rows (``block`` samples, zero-padded)
+    against samples [u*block - max_lag, (u+1)*block + max_lag) of every row (zero outside the
+    track), one FFT of the latter per row and block; the former are its middle.
     """
-    length = first.shape[-1]
-    n_fft = max(_CORRELATION_FFT, _fast_size(4 * max_lag + 2))
+    first_rows, length = signals[0].shape
+    rows = sum(part.shape[0] for part in signals)
+    device, dtype = signals[0].device, signals[0].dtype
+    # Smaller blocks are cheaper on one thread (less to inverse-transform, cache-sized FFTs: 0.32
+    # against 0.36 s for 32768 and 0.44 s for 65536, 20 s track); on several threads every op is
+    # a fork/join and the 4x as many per-block ops of 16384 cost up to 2x on a busy machine.
+    fft_size = _CORRELATION_FFT_ONE_THREAD if _single_cpu_thread(device) else _CORRELATION_FFT
+    n_fft = max(fft_size, _fast_size(4 * max_lag + 2))
     block = n_fft - 2 * max_lag
     blocks = -(-length // block)
-    # Block u of `second` spans samples [u*block - max_lag, (u+1)*block + max_lag) of one buffer
-    # holding the signals between zero edges (only the edges are zeroed; nothing is concatenated).
-    rows = first.shape[0] + sum(part.shape[0] for part in second)
-    padded = torch.empty(rows, blocks * block + 2 * max_lag, dtype=first.dtype, device=first.device)
-    padded[:, :max_lag].zero_()
-    padded[:, max_lag + length:].zero_()
-    row = 0
-    for part in [first, *second]:
-        padded[row:row + part.shape[0], max_lag:max_lag + length].copy_(part)
-        row += part.shape[0]
-    first_blocks = padded[:first.shape[0], max_lag:max_lag + blocks * block].unfold(-1, block, block)  # (P, U, block)
-    second_blocks = padded[first.shape[0]:].unfold(-1, block + 2 * max_lag, block)  # (Q, U, block + 2 max_lag)
     bins = n_fft // 2 + 1
-    tile_bins = _tile_bins(bins, first.device)
-    cross = torch.empty(first.shape[0], second_blocks.shape[0], bins, dtype=torch.complex128, device=first.device)
-    for start in range(0, blocks, _BLOCKS_PER_CHUNK):
-        chunk = slice(start, start + _BLOCKS_PER_CHUNK)
-        first_spec = torch.fft.rfft(first_blocks[:, chunk], n=n_fft).conj()  # lazy: resolved per tile
-        second_spec = torch.fft.rfft(second_blocks[:, chunk], n=n_fft)
-        # One broadcast multiply-add per block: a batched matmul over frequencies (einsum) is
-        # 20x slower on some CPU builds (complex bmm falls back to one small GEMM per bin).
-        # Frequency tiles outermost keep the (P, Q, tile) accumulator in cache over the blocks.
+    tile_bins = _tile_bins(bins, device)
+    per_chunk = max(1, _CORRELATION_CHUNK // n_fft)
+    cross = torch.empty(first_rows, rows, bins, dtype=torch.complex128, device=device)
+    for start in range(0, blocks, per_chunk):
+        count = min(per_chunk, blocks - start)
+        windows = torch.empty(rows, count, n_fft, dtype=dtype, device=device)
+        for index in range(count):  # window of block start + index, zero outside the track
+            begin = (start + index) * block - max_lag
+            low, high = max(begin, 0), min(begin + n_fft, length)
+            windows[:, index, :low - begin].zero_()
+            row = 0
+            for part in signals:
+                windows[row:row + part.shape[0], index, low - begin:high - begin].copy_(part[:, low:high])
+                row += part.shape[0]
+            windows[:, index, high - begin:].zero_()
+        long_spec = torch.fft.rfft(windows)
+        short_spec = _padded_rfft(windows[:first_rows, :, max_lag:max_lag + block], n_fft).conj()  # lazy conj
+        del windows
+        # One broadcast multiply-add per block: a batched matmul over frequencies (einsum, or
+        # torch.bmm on real or complex operands) costs more than the products (per-bin GEMMs
+        # of a few rows are all overhead). Frequency tiles outermost keep the (P, Q, tile)
+        # accumulator in cache over the blocks.
         for low in range(0, bins, tile_bins):
             tile = slice(low, low + tile_bins)
             accumulator = cross[:, :, tile]
-            for block_index in range(first_spec.shape[1]):
-                first_tile = first_spec[:, block_index, None, tile]
-                second_tile = second_spec[None, :, block_index, tile]
-                if start == 0 and block_index == 0:
+            for index in range(count):
+                first_tile = short_spec[:, index, None, tile]
+                second_tile = long_spec[None, :, index, tile]
+                if start == 0 and index == 0:
                     torch.mul(first_tile, second_tile, out=accumulator)
                 else:
                     accumulator.addcmul_(first_tile, second_tile)
     return torch.fft.irfft(cross, n=n_fft)[..., :2 * max_lag + 1]
 
 
+def _padded_rfft(signal: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """``torch.fft.rfft(signal, n=n_fft)`` of a (..., W <= n_fft) tensor (any strides), through a
+    buffer of which only the padding is zeroed: torch's own padding zero-fills the whole buffer
+    before copying the signal in (320 frames of 1 s at 45000 points: 0.175 s against 0.11 s)."""
+    buffer = signal.new_empty(*signal.shape[:-1], n_fft)
+    buffer[..., signal.shape[-1]:].zero_()
+    buffer[..., :signal.shape[-1]].copy_(signal)
+    return torch.fft.rfft(buffer)
+
+
 def _tile_bins(bins: int, device: torch.device) -> int:
     """Frequency bins per tile: cache-sized on one CPU thread; the whole spectrum on several
     threads, where every op is an OpenMP fork/join and thousands of small ones cost more than the
     cache saves (2 threads on a busy 2-core machine: up to 2x slower than untiled), and on GPUs."""
-    single_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
-    return min(_BINS_PER_TILE, bins) if single_cpu_thread else bins
+    return min(_BINS_PER_TILE, bins) if _single_cpu_thread(device) else bins
+
+
+def _frames_per_chunk(device: torch.device) -> int:
+    """Frames processed at once: see _FRAMES_PER_CHUNK."""
+    return _FRAMES_PER_CHUNK_ONE_THREAD if _single_cpu_thread(device) else _FRAMES_PER_CHUNK
+
+
+def _single_cpu_thread(device: torch.device) -> bool:
+    """Whether torch computes on one CPU thread (tiled, small-block code paths)."""
+    return device.type == "cpu" and torch.get_num_threads() == 1
 
 
 def _fast_size(n: int) -> int:
