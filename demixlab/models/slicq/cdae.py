@@ -333,6 +333,9 @@ def load_reference_state_dict(model: SliCQCDAE, state: tp.Mapping[str, torch.Ten
     # Our layer <- the index of the layer in each reference target's Sequential.
     layers = {"encode1": 0, "norm1": 1, "encode2": 3, "norm2": 4, "decode2": 6, "norm3": 7, "decode1": 9}
     converted: tp.Dict[str, torch.Tensor] = {}
+    by_layer: tp.Dict[str, tp.List[str]] = {}  # "sliced_umx.<b>.cdaes.<t>.<position>." -> its keys
+    for key in state:
+        by_layer.setdefault(key.rpartition(".")[0] + ".", []).append(key)
     try:
         for index in range(len(blocks)):
             prefix = f"sliced_umx.{index}"
@@ -342,10 +345,9 @@ def load_reference_state_dict(model: SliCQCDAE, state: tp.Mapping[str, torch.Ten
             for source, target in enumerate(order):
                 for name, position in layers.items():
                     layer = f"{prefix}.cdaes.{target}.{position}."
-                    keys = [key for key in state if key.startswith(layer)]
-                    if not keys:
+                    if layer not in by_layer:
                         raise KeyError(f"{layer}*")
-                    for key in keys:
+                    for key in by_layer[layer]:
                         converted[f"{ours}cdaes.{source}.{name}.{key[len(layer):]}"] = state[key]
             # One autoencoder per source, as the reference has them -> the block's grouped layers.
             blocks[index]._group_per_source_state(converted, ours)
