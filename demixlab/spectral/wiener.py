@@ -42,6 +42,8 @@ def _wiener_window(targets: torch.Tensor, mix: torch.Tensor, iterations: int, so
                    scale_factor: float, eps: float) -> torch.Tensor:
     mix = mix.unsqueeze(1)  # (B, 1, C, F, N), broadcasts against sources
     targets = targets.to(mix.real.dtype)
+    if mix.shape[2] == 2 and iterations > 0 and not softmask and not residual:
+        return _wiener_stereo(targets, mix[:, 0], iterations, scale_factor, eps)
     if softmask:
         sources = mix * (targets / (eps + targets.sum(dim=1, keepdim=True)))
     else:
@@ -61,6 +63,63 @@ def _wiener_window(targets: torch.Tensor, mix: torch.Tensor, iterations: int, so
     for _ in range(iterations):
         sources = _em_step(sources, mix, eps)
     return sources.permute(0, 1, 4, 2, 3) * scale
+
+
+def _wiener_stereo(targets: torch.Tensor, mix: torch.Tensor, iterations: int, scale_factor: float,
+                   eps: float) -> torch.Tensor:
+    """The EM path of :func:`_wiener_window` for two channels, in real arithmetic: magnitudes
+    `targets` (B, S, C', F, N) with the phase of `mix` (B, 2, F, N), the same rescaling, then
+    :func:`_em_step_stereo`. Complex tensors only at the ends: the autograd graph of the
+    complex version promoted every real factor and ran complex kernels (3x slower forward and
+    backward for sliCQ-CDAE's 70 blocks)."""
+    peak = mix.abs().amax(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    scale = torch.clamp(peak / scale_factor, min=1.0)
+    phase = mix.angle().unsqueeze(1)  # (B, 1, 2, F, N)
+    magnitude = targets / scale.unsqueeze(1)
+    real, imag = magnitude * torch.cos(phase), magnitude * torch.sin(phase)
+    sources = (real[:, :, 0], imag[:, :, 0], real[:, :, 1], imag[:, :, 1])  # (B, S, F, N) each
+    mix = mix / scale
+    mixture = (mix.real[:, 0], mix.imag[:, 0], mix.real[:, 1], mix.imag[:, 1])
+    for _ in range(iterations):
+        sources = _em_step_stereo(sources, mixture, eps)
+    left_real, left_imag, right_real, right_imag = sources
+    scale = scale.unsqueeze(1)
+    return torch.stack([torch.complex(left_real, left_imag), torch.complex(right_real, right_imag)], dim=2) * scale
+
+
+def _em_step_stereo(sources: tp.Sequence[torch.Tensor], mix: tp.Sequence[torch.Tensor], eps: float
+                    ) -> tp.Tuple[torch.Tensor, ...]:
+    """:func:`_em_step` for two channels on real and imaginary parts: sources (left real, left
+    imaginary, right real, right imaginary), each (B, S, F, N), and the mixture's, each (B, F, N).
+
+    The same model and filter with the 2 x 2 covariances kept as their entries: the spatial
+    covariance of a source [[r_ll, r_lr], [conj(r_lr), r_rr]] (real diagonal), the mixture's
+    [[a, b], [conj(b), d]] (Hermitian: a real determinant).
+    """
+    left_real, left_imag, right_real, right_imag = sources
+    x_left_real, x_left_imag, x_right_real, x_right_imag = mix
+    power_left = left_real.square() + left_imag.square()
+    power_right = right_real.square() + right_imag.square()
+    psd = (power_left + power_right) / 2
+    weight = eps + psd.sum(dim=-1, keepdim=True)  # (B, S, F, 1)
+    r_ll = power_left.sum(dim=-1, keepdim=True) / weight
+    r_rr = power_right.sum(dim=-1, keepdim=True) / weight
+    r_lr_real = (left_real * right_real + left_imag * right_imag).sum(dim=-1, keepdim=True) / weight
+    r_lr_imag = (left_imag * right_real - left_real * right_imag).sum(dim=-1, keepdim=True) / weight
+    a = (psd * r_ll).sum(dim=1) + math.sqrt(eps)  # (B, F, N)
+    d = (psd * r_rr).sum(dim=1) + math.sqrt(eps)
+    b_real, b_imag = (psd * r_lr_real).sum(dim=1), (psd * r_lr_imag).sum(dim=1)
+    inv_det = 1 / (a * d - (b_real.square() + b_imag.square()))
+    # The mixture whitened by its covariance: (d x_l - b x_r, a x_r - conj(b) x_l) / det.
+    white_left_real = ((d * x_left_real - (b_real * x_right_real - b_imag * x_right_imag)) * inv_det).unsqueeze(1)
+    white_left_imag = ((d * x_left_imag - (b_real * x_right_imag + b_imag * x_right_real)) * inv_det).unsqueeze(1)
+    white_right_real = ((a * x_right_real - (b_real * x_left_real + b_imag * x_left_imag)) * inv_det).unsqueeze(1)
+    white_right_imag = ((a * x_right_imag - (b_real * x_left_imag - b_imag * x_left_real)) * inv_det).unsqueeze(1)
+    # Each source: psd * R_j times the whitened mixture.
+    return (psd * (r_ll * white_left_real + r_lr_real * white_right_real - r_lr_imag * white_right_imag),
+            psd * (r_ll * white_left_imag + r_lr_real * white_right_imag + r_lr_imag * white_right_real),
+            psd * (r_lr_real * white_left_real + r_lr_imag * white_left_imag + r_rr * white_right_real),
+            psd * (r_lr_real * white_left_imag - r_lr_imag * white_left_real + r_rr * white_right_imag))
 
 
 def _em_step(sources: torch.Tensor, mix: torch.Tensor, eps: float) -> torch.Tensor:
