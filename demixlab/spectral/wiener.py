@@ -71,7 +71,7 @@ def _wiener_stereo(targets: torch.Tensor, mix: torch.Tensor, iterations: int, sc
     `targets` (B, S, C', F, N) with the phase of `mix` (B, 2, F, N), the same rescaling, then
     `iterations` EM steps (:func:`_em_filter_stereo`). Complex tensors only at the end: the
     autograd graph of the complex version promoted every real factor and ran complex kernels
-    (sliCQ-CDAE's 70 blocks: 3x slower forward and backward).
+    (sliCQ-CDAE's 70 blocks, forward and backward: 2.4x the time of this path on one CPU thread).
 
     The first step's statistics come from the magnitudes y: a source's power per channel is y^2
     and its cross term y_l y_r times the mixture's unit phasors u_l conj(u_r) (shared by sources).
@@ -135,7 +135,8 @@ def _em_filter_stereo(power_left: torch.Tensor, power_right: torch.Tensor, cross
     white = torch.stack([d * x_left_real - (b_real * x_right_real - b_imag * x_right_imag),
                          d * x_left_imag - (b_real * x_right_imag + b_imag * x_right_real),
                          a * x_right_real - (b_real * x_left_real + b_imag * x_left_imag),
-                         a * x_right_imag - (b_real * x_left_imag - b_imag * x_left_real)], dim=2) * inv_det.unsqueeze(2)
+                         a * x_right_imag - (b_real * x_left_imag - b_imag * x_left_real)], dim=2)
+    white = white * inv_det.unsqueeze(2)
     # R_j as a real 4 x 4 map on (left real, left imaginary, right real, right imaginary).
     r_ll, r_rr, r_real, r_imag = spatial.unbind(-1)
     zero = torch.zeros_like(r_ll)
