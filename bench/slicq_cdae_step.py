@@ -5,7 +5,8 @@
 A step is the published one: the objective (sliCQT of mixture and sources, the 70 blocks'
 autoencoders, the Wiener-EM step, the 14-subset complex MSE and the mask-sum term; with
 `sdr_coef=1` also the inverse sliCQT and the SD-SDR combination loss), backward and an AdamW
-update, on random stereo audio at 44.1 kHz, under bf16 autocast on CUDA (as `amp.enabled: true`).
+update (the solver's, `build_optimizer`), on random stereo audio at 44.1 kHz, under bf16 autocast
+on CUDA (as `amp.enabled: true`).
 Prints the median step time after the first and the peak memory (CUDA: the allocator's peak;
 CPU: the process's peak resident set, which only grows).
 """
@@ -17,6 +18,7 @@ import time
 import torch
 
 from demixlab.training.allocator import tune_cpu_runtime
+from demixlab.training.optim import OptimConfig, build_optimizer
 from demixlab.models import get_family
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -33,7 +35,7 @@ def run(device: torch.device, batch: int, seconds: float, steps: int, amp: bool,
     family = get_family("slicq_cdae")
     model = family.build_model(SOURCES, 44100, 2, {}).to(device)
     objective = family.build_objective(model, sdr_coef=sdr_coef)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    optimizer = build_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-5))  # as the solver
     sources = (torch.randn(batch, len(SOURCES), 2, int(seconds * 44100)) * 0.1).to(device)
     use_amp = amp and device.type == "cuda"
     times = []

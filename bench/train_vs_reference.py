@@ -13,7 +13,8 @@ has); the reference steps follow the reference trainers' loop bodies:
 - hdemucs, htdemucs: demucs' solver `_run_one_stage` (augmentations off): `model(mix)`, per-source
   L1, the Python loop of per-parameter gradient norms, Adam step, two batch EMAs.
 - slicq_cdae: xumx-sliCQ-V2's `loop`: its sliCQT of mixture and targets, `Unmix`, its complex MSE
-  and mask-sum criteria, AdamW step.
+  and mask-sum criteria, AdamW step; demixlab's side takes the solver's optimizer (fused AdamW,
+  the same settings).
 - bs_roformer: the community class (audio-separator's), `model(mix, target=...)` (its own loss),
   AdamW step, against demixlab's objective (the same loss).
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from demixlab.models import get_family  # noqa: E402
 from demixlab.training.allocator import tune_cpu_runtime  # noqa: E402
-from demixlab.training.optim import ModelEMA  # noqa: E402
+from demixlab.training.optim import ModelEMA, OptimConfig, build_optimizer  # noqa: E402
 from tests.references import import_reference, import_roformer_reference  # noqa: E402
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -144,8 +145,9 @@ def slicq_cdae(batch: torch.Tensor, device: torch.device) -> tp.Tuple[Step, Step
     family = get_family("slicq_cdae")
     ours = family.build_model(SOURCES, 44100, 2, {}).to(device)
     load_reference_state_dict(ours, reference.state_dict())
-    return reference_step, _demixlab_step(family, ours, batch, torch.optim.AdamW(ours.parameters(), lr=1e-3,
-                                                                                weight_decay=1e-5))
+    # The solver's optimizer (build_optimizer: fused AdamW) with the reference's settings.
+    optimizer = build_optimizer(ours, OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-5))
+    return reference_step, _demixlab_step(family, ours, batch, optimizer)
 
 
 def bs_roformer(batch: torch.Tensor, device: torch.device) -> tp.Tuple[Step, Step]:

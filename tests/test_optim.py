@@ -9,7 +9,7 @@ from demixlab.errors import DemixError
 from demixlab.models import SeparationModel
 from demixlab.train import main
 from demixlab.training.config import parse_config
-from demixlab.training.optim import (LearningRateSchedule, ModelEMA, OptimConfig, ParameterGroupConfig,
+from demixlab.training.optim import (OPTIMIZERS, LearningRateSchedule, ModelEMA, OptimConfig, ParameterGroupConfig,
                                      SchedulerConfig, build_optimizer, swapped_weights)
 
 
@@ -37,6 +37,26 @@ def test_named_groups_get_their_own_settings_and_the_rest_the_defaults():
     assert groups["transformer"]["lr"] == 1e-4 and groups["transformer"]["weight_decay"] == 0.05
     assert {id(p) for p in groups["transformer"]["params"]} == {id(p) for p in model.transformer.parameters()}
     assert {id(p) for p in groups["default"]["params"]} == {id(p) for p in model.body.parameters()}
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_the_optimizer_is_torchs_fused_kernel_with_the_same_steps(name):
+    """build_optimizer takes the fused kernel on the CPU; its steps are the plain loop's."""
+    model = TwoParts()
+    optimizer = build_optimizer(model, optim_cfg(optimizer=name, weight_decay=1e-2))
+    assert all(group["fused"] for group in optimizer.param_groups)
+    plain = TwoParts()
+    plain.load_state_dict(model.state_dict())
+    loop = OPTIMIZERS[name](plain.parameters(), lr=1e-3, weight_decay=1e-2, foreach=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for ours, theirs in zip(model.parameters(), plain.parameters()):
+            ours.grad = torch.randn(ours.shape, generator=generator)
+            theirs.grad = ours.grad.clone()
+        optimizer.step()
+        loop.step()
+    for ours, theirs in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=1e-6)
 
 
 def test_a_group_keeps_the_model_defaults_unless_the_config_overrides_them():

@@ -110,6 +110,20 @@ def test_wiener_matches_openunmix(dtype, iterations, softmask, residual):
     assert _relative_error(out, reference) < TOLERANCES[dtype]
 
 
+@pytest.mark.parametrize("target_channels", [1, 2])
+def test_stereo_wiener_gradients_match_openunmix(target_channels):
+    """Two channels take a real-arithmetic EM path: its gradients are the reference's."""
+    targets, mix = _random_problem(target_channels=target_channels)
+    mix[1] *= 1e2  # one example rescaled before EM
+    weights = torch.randn(2, 3, 2, 33, 40, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gradients = []
+    for separate in (lambda t: wiener(t, mix, 2, window=None), lambda t: _reference_wiener(t, mix, 2)):
+        leaf = targets.clone().requires_grad_()
+        (torch.view_as_real(separate(leaf)) * weights).sum().backward()
+        gradients.append(leaf.grad)
+    assert _relative_error(gradients[0], gradients[1]) < 1e-6
+
+
 @pytest.mark.parametrize("channels, target_channels", [(1, 1), (2, 1), (2, 2)])
 def test_wiener_mono_and_shared_targets(channels, target_channels):
     targets, mix = _random_problem(channels=channels, target_channels=target_channels)

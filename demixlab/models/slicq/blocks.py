@@ -6,6 +6,11 @@ Layouts: a block is (B, C, F_b, S, T_b) (S slices of T_b coefficients, slices ov
 time); the networks see it "flattened" to (B, C, F_b, S * T_b), the slices side by side, and the
 first convolution (kernel T_b, stride T_b / 2) steps over them half a slice at a time. Masks come
 out as (B, S_src, C, F_b, S, T_b).
+
+That first convolution and the last (transposed) one run as the equivalent (f, 2) convolutions of
+stride 1 over half slices, whose T_b / 2 coefficients become channels, on channels-last tensors:
+oneDNN's strided kernels for these shapes were 5-15x slower on CPU. The parameters keep the
+layout of the layers as declared (and the reference's).
 """
 import typing as tp
 
@@ -23,6 +28,20 @@ def frequency_kernel(bins: int) -> int:
     if bins < 20:
         return 3
     return 5
+
+
+def _half_slices(x: torch.Tensor, batch: int, channels: int, bins: int, halves: int, hop: int) -> torch.Tensor:
+    """(B, C, F, ...) with `halves` * `hop` coefficients per bin -> (B, C * hop, F, halves), stored
+    channels last: the coefficients of each half slice become channels."""
+    x = x.reshape(batch, channels, bins, halves, hop).permute(0, 2, 3, 1, 4)
+    return x.reshape(batch, bins, halves, channels * hop).permute(0, 3, 1, 2)
+
+
+def _half_slice_kernel(weight: torch.Tensor, hop: int) -> torch.Tensor:
+    """A (O, I, f, 2 * hop) kernel of stride (1, hop) as the equivalent (O, I * hop, f, 2) kernel of
+    stride 1 over half slices (:func:`_half_slices`)."""
+    out, inputs, rows, _ = weight.shape
+    return weight.reshape(out, inputs, rows, 2, hop).permute(0, 1, 4, 2, 3).reshape(out, inputs * hop, rows, 2)
 
 
 class CausalConv2d(nn.Conv2d):
@@ -54,13 +73,18 @@ class BlockCDAE(nn.Module):
 
     With `realtime`, a mask coefficient depends on the flattened input up to `lookahead`
     coefficients after it (the three frames of the (f, 4) convolutions, 3 * T_b // 2), never further.
+
+    `forward` computes the same function with the strided layers rewritten over half slices (see
+    the module docstring): the first convolution on the unrepeated input (every source's group
+    sees the same block), T_b even.
     """
 
     def __init__(self, bins: int, frames: int, sources: int, channels: int = 2, hidden_1: int = 50,
                  hidden_2: int = 51, realtime: bool = False):
         super().__init__()
-        if bins < 1 or frames < 2:
-            raise ValueError(f"a block needs at least 1 bin and 2 coefficients per slice, got ({bins}, {frames})")
+        if bins < 1 or frames < 2 or frames % 2:
+            raise ValueError(f"a block needs at least 1 bin and an even number of coefficients per slice, got "
+                             f"({bins}, {frames})")
         self.bins, self.frames, self.sources, self.channels = bins, frames, sources, channels
         self.realtime = realtime
         self.input_mean = nn.Parameter(torch.zeros(bins))
@@ -92,16 +116,25 @@ class BlockCDAE(nn.Module):
         if (bins, frames, channels) != (self.bins, self.frames, self.channels):
             raise ValueError(f"expected a block of {self.channels} channels, {self.bins} bins and {self.frames} "
                              f"coefficients per slice, got shape {tuple(magnitude.shape)}")
-        length = slices * frames
-        x = magnitude.reshape(batch, channels, bins, length)
-        x = (x + self.input_mean[:, None]) * self.input_scale[:, None]
-        x = x.repeat(1, self.sources, 1, 1)  # every source's group sees the whole block
-        y = F.relu(self.norm1(self.encode1(x)))
+        hop = self.frames // 2  # the module's constant (a traced export keeps static kernel shapes)
+        x = (magnitude + self.input_mean[:, None, None]) * self.input_scale[:, None, None]
+        halves = 2 * slices
+        if self.realtime:
+            # The causal padding of T_b - 1 coefficients, plus one behind: whole half slices again;
+            # the first convolution's last frame then only sees that extra coefficient and is dropped.
+            x = F.pad(x.reshape(batch, channels, bins, slices * frames), (frames - 1, 1))
+            halves += 2
+        y = F.conv2d(_half_slices(x, batch, channels, bins, halves, hop), _half_slice_kernel(self.encode1.weight, hop))
+        if self.realtime:
+            y = y[..., :-1]
+        y = F.relu(self.norm1(y))
         y = F.relu(self.norm2(self.encode2(y)))
         y = F.relu(self.norm3(self.decode2(y)))
-        # The output is cropped to the input's size (the causal padding adds half a slice at the end).
-        masks = torch.sigmoid(self.decode1(y))[..., :length]
-        return masks.reshape(batch, self.sources, channels, bins, slices, frames)
+        # The sources' outputs: (B, sources * C * hop, F_b, 2N + ...), half slices again.
+        y = F.conv_transpose2d(y, _half_slice_kernel(self.decode1.weight, hop),
+                               self.decode1.bias.repeat_interleave(hop), groups=self.sources)
+        masks = torch.sigmoid(y).unflatten(1, (self.sources, channels, hop))[..., :2 * slices]
+        return masks.permute(0, 1, 2, 4, 5, 3).reshape(batch, self.sources, channels, bins, slices, frames)
 
     def _group_per_source_state(self, state: tp.Dict[str, torch.Tensor], prefix: str, *args: tp.Any) -> None:
         """Turn `cdaes.<s>.<layer>.<name>` entries (one autoencoder per source) into the grouped layers'."""

@@ -29,7 +29,7 @@ from ...spectral import wiener
 from ...spectral.slicqt import SliCQT, flatten_slices, unflatten_slices
 from ..contract import NetworkAxes, SeparationModel, require
 from ..losses import (Objective, combination_loss, non_negative, parse_source_weights, source_subsets,
-                      subset_sums, subset_weights)
+                      subset_matrix, subset_weights)
 from .blocks import SliCQMaskNetwork
 from .streaming import BlockCDAEStreamer, SliCQCDAEStreamer
 
@@ -208,15 +208,23 @@ def complex_mse(estimate: tp.Sequence[torch.Tensor], reference: tp.Sequence[torc
 def complex_mse_per_subset(estimates: tp.Sequence[torch.Tensor], references: tp.Sequence[torch.Tensor],
                            subsets: tp.Sequence[tp.Sequence[int]]) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     """The complex MSE (as :func:`complex_mse`) of every source subset's summed blocks, (K,), and
-    of every source alone, (S,), from blocks (B, S, ...): one difference, one subset contraction
-    and two reductions per block (the sums of a subset's errors are the errors of its sums)."""
+    of every source alone, (S,), from blocks (B, S, ...).
+
+    A subset's summed error is the sum of its sources' errors, so its squared norm is a quadratic
+    form in the (S, S) Gram matrix G of the sources' errors: sum_k |sum_{s in k} e_s|^2 =
+    m_k^T G m_k. Per block: one difference and one batched product for G (no (K, ...) sums)."""
+    membership = None
     per_subset, per_source = [], []
-    for estimate, reference in zip(estimates, references):
-        difference = torch.view_as_real(estimate - reference)  # (B, S, ..., 2)
-        sources = difference.shape[1]
-        per_source.append(difference.square().transpose(0, 1).reshape(sources, -1).mean(dim=1))
-        sums = subset_sums(difference, subsets)  # (K, B, ..., 2)
-        per_subset.append(sums.square().reshape(len(subsets), -1).mean(dim=1))
+    with _full_precision(estimates[0]):  # (autocast would take the products to bf16)
+        for estimate, reference in zip(estimates, references):
+            difference = torch.view_as_real(estimate - reference)  # (B, S, ..., 2)
+            batch, sources = difference.shape[:2]
+            flat = difference.reshape(batch, sources, -1)
+            gram = torch.bmm(flat, flat.transpose(1, 2)).sum(dim=0) / (batch * flat.shape[-1])  # (S, S)
+            if membership is None:
+                membership = subset_matrix(subsets, sources, gram.dtype, gram.device)  # (K, S)
+            per_subset.append(((membership @ gram) * membership).sum(dim=1))
+            per_source.append(gram.diagonal())
     return torch.stack(per_subset).mean(dim=0), torch.stack(per_source).mean(dim=0)
 
 
@@ -353,6 +361,9 @@ def load_reference_state_dict(model: SliCQCDAE, state: tp.Mapping[str, torch.Ten
     # Our layer <- the index of the layer in each reference target's Sequential.
     layers = {"encode1": 0, "norm1": 1, "encode2": 3, "norm2": 4, "decode2": 6, "norm3": 7, "decode1": 9}
     converted: tp.Dict[str, torch.Tensor] = {}
+    by_layer: tp.Dict[str, tp.List[str]] = {}  # "sliced_umx.<b>.cdaes.<t>.<position>." -> its keys
+    for key in state:
+        by_layer.setdefault(key.rpartition(".")[0] + ".", []).append(key)
     try:
         for index in range(len(blocks)):
             prefix = f"sliced_umx.{index}"
@@ -362,10 +373,9 @@ def load_reference_state_dict(model: SliCQCDAE, state: tp.Mapping[str, torch.Ten
             for source, target in enumerate(order):
                 for name, position in layers.items():
                     layer = f"{prefix}.cdaes.{target}.{position}."
-                    keys = [key for key in state if key.startswith(layer)]
-                    if not keys:
+                    if layer not in by_layer:
                         raise KeyError(f"{layer}*")
-                    for key in keys:
+                    for key in by_layer[layer]:
                         converted[f"{ours}cdaes.{source}.{name}.{key[len(layer):]}"] = state[key]
             # One autoencoder per source, as the reference has them -> the block's grouped layers.
             blocks[index]._group_per_source_state(converted, ours)
