@@ -1,4 +1,6 @@
 """STFT and Wiener filtering, checked against Open-Unmix's implementations."""
+import importlib
+
 import pytest
 import torch
 
@@ -155,3 +157,30 @@ def test_wiener_is_differentiable():
     targets = (targets + 1).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: wiener(t, mix, 1, residual=True), (targets,))
     assert torch.autograd.gradcheck(lambda t: wiener(t, mix, 2, softmask=True), (targets,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("iterations", [0, 1, 2])
+@pytest.mark.parametrize("softmask, residual", [(False, False), (True, False), (False, True)])
+def test_wiener_stereo_tiles_match_complex_path(monkeypatch, dtype, iterations, softmask, residual):
+    # Stereo inference filters tiles of bins in real arithmetic; a differentiable call takes the
+    # complex path over whole windows. Tiles of 8 bins over 33 (the last one short), windows of
+    # 20 frames over 50, and a loud example (rescaled before EM) must give the same sources.
+    module = importlib.import_module("demixlab.spectral.wiener")
+    monkeypatch.setattr(module, "CPU_TILE_BINS", 8)
+    tiles = []
+    stereo_tile = module._stereo_tile
+    monkeypatch.setattr(module, "_stereo_tile", lambda *args, **kwargs: tiles.append(1) or stereo_tile(*args, **kwargs))
+    targets, mix = _random_problem(frames=50, dtype=dtype)
+    mix[1] *= 1e3
+    targets[1] *= 1e3
+    with torch.no_grad():
+        fast = wiener(targets, mix, iterations, softmask=softmask, residual=residual, window=20)
+    assert len(tiles) == 5 * 3  # 5 tiles of bins in each of 3 windows
+    with torch.enable_grad():
+        complex_path = wiener(targets.clone().requires_grad_(), mix, iterations, softmask=softmask,
+                              residual=residual, window=20).detach()
+    assert len(tiles) == 15
+    assert fast.shape == complex_path.shape == (2, 3 + residual, 2, 33, 50) and fast.dtype == mix.dtype
+    for example in range(2):
+        assert _relative_error(fast[example], complex_path[example]) < TOLERANCES[dtype] / 10
