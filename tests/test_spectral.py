@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from demixlab.errors import DemixError
-from demixlab.spectral import STFT, bandwidth_to_max_bin, magnitude, wiener
+from demixlab.spectral import STFT, bandwidth_to_max_bin, bins_contiguous, magnitude, wiener
 from tests.references import import_reference
 
 openunmix = import_reference("openunmix")
@@ -184,3 +184,14 @@ def test_wiener_stereo_tiles_match_complex_path(monkeypatch, dtype, iterations, 
     assert fast.shape == complex_path.shape == (2, 3 + residual, 2, 33, 50) and fast.dtype == mix.dtype
     for example in range(2):
         assert _relative_error(fast[example], complex_path[example]) < TOLERANCES[dtype] / 10
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_wiener_writes_into_bins_contiguous_output(channels):
+    targets, mix = _random_problem(channels=channels, frames=50)
+    expected = wiener(targets, mix, 1, residual=True, window=20)
+    out = bins_contiguous(expected.shape, mix)
+    assert out.shape == expected.shape and out.stride()[-2:] == (1, 33)
+    result = wiener(targets, mix, 1, residual=True, window=20, out=out)
+    assert result is out
+    assert torch.equal(out, expected)

@@ -7,6 +7,6 @@
 - :mod:`.plot`: ragged sliCQT spectrogram plots (matplotlib, imported on use).
 """
 from .stft import STFT, StreamingISTFT, StreamingSTFT, bandwidth_to_max_bin, magnitude  # noqa: F401
-from .wiener import wiener  # noqa: F401
+from .wiener import bins_contiguous, wiener  # noqa: F401
 from .scales import SCALES, FrequencyScale, make_scale, suggested_lengths  # noqa: F401
 from .slicqt import SliCQT, flatten_slices, overlap_add, unflatten_slices  # noqa: F401

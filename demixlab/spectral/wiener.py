@@ -23,7 +23,7 @@ CPU_TILE_BINS = 64
 
 def wiener(targets: torch.Tensor, mix: torch.Tensor, iterations: int = 1, *, softmask: bool = False,
            residual: bool = False, window: tp.Optional[int] = 300, scale_factor: float = 10.0,
-           eps: float = 1e-10) -> torch.Tensor:
+           eps: float = 1e-10, out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
     """Multichannel Wiener filtering with EM refinement (as in norbert / Open-Unmix).
 
     Args:
@@ -38,14 +38,16 @@ def wiener(targets: torch.Tensor, mix: torch.Tensor, iterations: int = 1, *, sof
             The EM spatial model is fitted per window, so with `iterations > 0` the result
             depends on it (0 iterations are frame-local and do not).
         scale_factor, eps: numerical constants of the reference implementation.
+        out: where to write the result (any strides; see :func:`bins_contiguous`), else a new tensor.
 
     Returns:
-        complex source STFTs (B, S + residual, C, F, N), in the dtype of `mix`.
+        complex source STFTs (B, S + residual, C, F, N), in the dtype of `mix` (`out` if given).
     """
     batch, channels, bins, frames = mix.shape
     step = window if window else frames
     if channels == 2 and not (torch.is_grad_enabled() and (targets.requires_grad or mix.requires_grad)):
-        out = mix.new_empty(batch, targets.shape[1] + residual, channels, bins, frames)
+        if out is None:
+            out = mix.new_empty(batch, targets.shape[1] + residual, channels, bins, frames)
         by_bin = out.permute(0, 3, 1, 2, 4)  # (B, F, S, C, N), the layout of the stereo path
         tile = CPU_TILE_BINS if mix.device.type == "cpu" else bins
         for start in range(0, frames, step):
@@ -59,7 +61,14 @@ def wiener(targets: torch.Tensor, mix: torch.Tensor, iterations: int = 1, *, sof
     outputs = [_wiener_window(targets[..., start:start + step], mix[..., start:start + step], iterations,
                               softmask, residual, scale_factor, eps)
                for start in range(0, frames, step)]
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+    result = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+    return result if out is None else out.copy_(result)
+
+
+def bins_contiguous(shape: tp.Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An empty (..., F, N) tensor (dtype and device of `like`) whose bins are contiguous in memory:
+    :meth:`torch.istft` reads such a spectrogram without first transposing it into that order."""
+    return like.new_empty(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
 
 
 def _wiener_window(targets: torch.Tensor, mix: torch.Tensor, iterations: int, softmask: bool, residual: bool,

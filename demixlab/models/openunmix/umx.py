@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import DemixError
-from ...spectral import STFT, bandwidth_to_max_bin, wiener
+from ...spectral import STFT, bandwidth_to_max_bin, bins_contiguous, wiener
 from ...spectral.stft import StreamingISTFT, StreamingSTFT
 from ..contract import ModelStreamer, NetworkAxes, SeparationModel, require
 from ..losses import Objective, parse_source_weights
@@ -243,8 +243,11 @@ class UMX(SeparationModel):
     def network_outputs(self, outputs: tp.Sequence[torch.Tensor], context: torch.Tensor,
                         mixture: torch.Tensor) -> torch.Tensor:
         """The multichannel Wiener filter on the mixture STFT (`context`), then the inverse STFT."""
+        batch, count, _, bins, frames = outputs[0].shape
+        # The filter writes the source STFTs with contiguous bins, the order the inverse STFT reads.
+        layout = bins_contiguous((batch, count + self.residual, context.shape[1], bins, frames), context)
         source_stfts = wiener(outputs[0], context, self.wiener_iterations, softmask=self.softmask,
-                              residual=self.residual, window=self.wiener_window)
+                              residual=self.residual, window=self.wiener_window, out=layout)
         return self.stft.inverse(source_stfts, length=mixture.shape[-1])
 
     def network_axes(self) -> NetworkAxes:
