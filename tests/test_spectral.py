@@ -195,3 +195,21 @@ def test_wiener_writes_into_bins_contiguous_output(channels):
     result = wiener(targets, mix, 1, residual=True, window=20, out=out)
     assert result is out
     assert torch.equal(out, expected)
+
+
+def test_wiener_stereo_tiles_on_threads_are_the_same():
+    # With torch threads to spare the tiles run side by side, one intra-op thread each.
+    module = importlib.import_module("demixlab.spectral.wiener")
+    targets, mix = _random_problem(frames=50, bins=200, dtype=torch.float32)
+    caller_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            alone = wiener(targets, mix, 1, residual=True, window=20)
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            side_by_side = wiener(targets, mix, 1, residual=True, window=20)
+    finally:
+        torch.set_num_threads(caller_threads)
+    assert module.CPU_TILE_BINS < 200
+    assert torch.equal(alone, side_by_side)

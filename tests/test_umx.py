@@ -323,3 +323,22 @@ def test_calibration_rejects_silence():
 def test_calibration_without_batches():
     with pytest.raises(DemixError, match="no training batches"):
         calibrate_umx(_small_umx(), [])
+
+
+def test_targets_side_by_side_on_threads_give_the_same_estimates():
+    # CPU inference with torch threads to spare runs the target networks in threads.
+    model = _small_umx().eval()
+    for seed, target in enumerate(model.targets.values()):
+        _randomise(target, seed)
+    magnitude = model.stft(torch.randn(1, 2, 16000)).abs()
+    caller_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            side_by_side = model.target_magnitudes(magnitude)
+    finally:
+        torch.set_num_threads(caller_threads)
+    with torch.no_grad():
+        in_turn = torch.stack([target(magnitude) for target in model.targets.values()], dim=1)
+    assert side_by_side.shape == (1, 3, 2, model.nb_bins, magnitude.shape[-1])
+    assert torch.equal(side_by_side, in_turn)

@@ -6,7 +6,8 @@ block of a sliced constant-Q transform.
 Stereo inference (no autograd) takes a faster path with the same results within float rounding:
 everything but the rescaling (which looks at a whole window) is independent per frequency bin,
 so on CPU each window is filtered in tiles of a few dozen bins, whose dozen elementwise passes
-per EM step run on data that stays in the core's cache; and the complex numbers are held as real
+per EM step run on data that stays in the core's cache (tiles run side by side on torch's
+threads, one intra-op thread each: :mod:`demixlab.threads`); and the complex numbers are held as real
 components, so that the sums over frames and over sources are small batched matrix products.
 Other channel counts and differentiable calls filter whole windows in complex arithmetic.
 """
@@ -15,6 +16,8 @@ import math
 import typing as tp
 
 import torch
+
+from ..threads import map_in_threads
 
 # Frequency bins per tile of the stereo path on CPU: (B=1, 4 sources, 2 channels, 64 bins, 300
 # frames) float32 components are 1.2 MB, about a core's L2 cache. Other devices take whole windows.
@@ -50,13 +53,23 @@ def wiener(targets: torch.Tensor, mix: torch.Tensor, iterations: int = 1, *, sof
             out = mix.new_empty(batch, targets.shape[1] + residual, channels, bins, frames)
         by_bin = out.permute(0, 3, 1, 2, 4)  # (B, F, S, C, N), the layout of the stereo path
         tile = CPU_TILE_BINS if mix.device.type == "cpu" else bins
+        tiles = []
         for start in range(0, frames, step):
             window_mix = mix[..., start:start + step]
             scale = torch.clamp(_peak_magnitude(window_mix) / scale_factor, min=1.0) if iterations > 0 else None
-            for low in range(0, bins, tile):
-                _stereo_tile(targets[..., low:low + tile, start:start + step], window_mix[..., low:low + tile, :],
-                             iterations, softmask, residual, scale, eps,
-                             out=by_bin[:, low:low + tile, ..., start:start + step])
+            tiles += [(targets[..., low:low + tile, start:start + step], window_mix[..., low:low + tile, :], scale,
+                       by_bin[:, low:low + tile, ..., start:start + step]) for low in range(0, bins, tile)]
+
+        def filter_tile(tile: tp.Tuple[torch.Tensor, torch.Tensor, tp.Optional[torch.Tensor], torch.Tensor]) -> None:
+            tile_targets, tile_mix, scale, tile_out = tile
+            _stereo_tile(tile_targets, tile_mix, iterations, softmask, residual, scale, eps, out=tile_out)
+
+        # Tiles are small: on CPU they run side by side on torch's threads, one intra-op thread each.
+        if mix.device.type == "cpu":
+            map_in_threads(filter_tile, tiles)
+        else:
+            for item in tiles:
+                filter_tile(item)
         return out
     outputs = [_wiener_window(targets[..., start:start + step], mix[..., start:start + step], iterations,
                               softmask, residual, scale_factor, eps)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import DemixError
+from ...threads import map_in_threads
 from ...spectral import STFT, bandwidth_to_max_bin, bins_contiguous, wiener
 from ...spectral.stft import StreamingISTFT, StreamingSTFT
 from ..contract import ModelStreamer, NetworkAxes, SeparationModel, require
@@ -190,8 +191,14 @@ class UMX(SeparationModel):
             target.set_input_statistics(mean, std)
 
     def target_magnitudes(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
-        """Mixture magnitude (B, C, F, N) -> the estimates of the networked sources (B, S', C, F, N)."""
-        return torch.stack([target(mix_magnitude) for target in self.targets.values()], dim=1)
+        """Mixture magnitude (B, C, F, N) -> the estimates of the networked sources (B, S', C, F, N).
+
+        Inference on CPU runs the target networks side by side on torch's threads, one intra-op
+        thread each (a batch-1 LSTM keeps one core busy at best); the same estimates as in turn."""
+        targets = list(self.targets.values())
+        if torch.is_grad_enabled() or mix_magnitude.device.type != "cpu":
+            return torch.stack([target(mix_magnitude) for target in targets], dim=1)
+        return torch.stack(map_in_threads(lambda target: target(mix_magnitude), targets), dim=1)
 
     def streamed_magnitudes(self, mix_magnitude: torch.Tensor, states: tp.Optional[tp.List[tp.Any]]
                             ) -> tp.Tuple[torch.Tensor, tp.List[tp.Any]]:
