@@ -1,5 +1,6 @@
 """STFT and Wiener filtering, checked against Open-Unmix's implementations."""
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -213,3 +214,26 @@ def test_wiener_stereo_tiles_on_threads_are_the_same():
         torch.set_num_threads(caller_threads)
     assert module.CPU_TILE_BINS < 200
     assert torch.equal(alone, side_by_side)
+
+
+@pytest.mark.parametrize("n_fft, hop", [(4096, 1024), (512, 128), (512, 256), (256, 64)])
+@pytest.mark.parametrize("extra", [0, -300, 700])
+def test_inverse_stft_overlap_add_matches_torch_istft(n_fft, hop, extra):
+    # Without autograd on CPU, hops that divide n_fft take our overlap-add; the waveform is
+    # torch.istft's (also cropped or zero-padded to any length), from any layout of the bins.
+    stft = STFT(n_fft, hop)
+    wav = torch.randn(3, 2, 20000, generator=torch.Generator().manual_seed(0))
+    spec = stft(wav)
+    length = 20000 + extra
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns when it pads the end with zeros
+        expected = torch.istft(spec.reshape(6, *spec.shape[-2:]), n_fft, hop, window=torch.hann_window(n_fft),
+                               center=True, length=length).reshape(3, 2, length)
+        bins_first = spec.transpose(-1, -2).contiguous().transpose(-1, -2)
+        for layout in (spec, bins_first):
+            with torch.inference_mode():
+                out = stft.inverse(layout, length)
+            assert out.shape == (3, 2, length)
+            assert float((out - expected).abs().max()) < 1e-6 * float(expected.abs().max())
+        with torch.enable_grad():  # the differentiable path is torch.istft itself
+            assert torch.equal(stft.inverse(spec.clone().requires_grad_(), length).detach(), expected)
