@@ -18,13 +18,14 @@ from demixlab.training.config import TrainingConfig
 PACKAGE = Path(demixlab.__file__).parent
 # What each part of the package may import from demixlab (besides itself). Base modules first;
 # every stage imports only stages listed before it.
-BASE = {"errors", "files", "audio", "experiment", "__version__"}
+BASE = {"errors", "files", "audio", "experiment", "threads", "__version__"}
 ALLOWED = {
     "errors": set(),
+    "threads": set(),
     "files": {"errors"},
     "audio": {"errors", "files"},
     "experiment": {"errors"},
-    "spectral": {"errors", "files"},
+    "spectral": {"errors", "files", "threads"},
     "models": BASE | {"spectral"},
     "data": BASE,
     "release": BASE | {"models", "spectral"},

@@ -1,9 +1,12 @@
 """STFT and Wiener filtering, checked against Open-Unmix's implementations."""
+import importlib
+import warnings
+
 import pytest
 import torch
 
 from demixlab.errors import DemixError
-from demixlab.spectral import STFT, bandwidth_to_max_bin, magnitude, wiener
+from demixlab.spectral import STFT, bandwidth_to_max_bin, bins_contiguous, magnitude, wiener
 from tests.references import import_reference
 
 openunmix = import_reference("openunmix")
@@ -169,3 +172,82 @@ def test_wiener_is_differentiable():
     targets = (targets + 1).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: wiener(t, mix, 1, residual=True), (targets,))
     assert torch.autograd.gradcheck(lambda t: wiener(t, mix, 2, softmask=True), (targets,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("iterations", [0, 1, 2])
+@pytest.mark.parametrize("softmask, residual", [(False, False), (True, False), (False, True)])
+def test_wiener_stereo_tiles_match_complex_path(monkeypatch, dtype, iterations, softmask, residual):
+    # Stereo inference filters tiles of bins in real arithmetic; a differentiable call takes the
+    # complex path over whole windows. Tiles of 8 bins over 33 (the last one short), windows of
+    # 20 frames over 50, and a loud example (rescaled before EM) must give the same sources.
+    module = importlib.import_module("demixlab.spectral.wiener")
+    monkeypatch.setattr(module, "CPU_TILE_BINS", 8)
+    tiles = []
+    stereo_tile = module._stereo_tile
+    monkeypatch.setattr(module, "_stereo_tile", lambda *args, **kwargs: tiles.append(1) or stereo_tile(*args, **kwargs))
+    targets, mix = _random_problem(frames=50, dtype=dtype)
+    mix[1] *= 1e3
+    targets[1] *= 1e3
+    with torch.no_grad():
+        fast = wiener(targets, mix, iterations, softmask=softmask, residual=residual, window=20)
+    assert len(tiles) == 5 * 3  # 5 tiles of bins in each of 3 windows
+    with torch.enable_grad():
+        complex_path = wiener(targets.clone().requires_grad_(), mix, iterations, softmask=softmask,
+                              residual=residual, window=20).detach()
+    assert len(tiles) == 15
+    assert fast.shape == complex_path.shape == (2, 3 + residual, 2, 33, 50) and fast.dtype == mix.dtype
+    for example in range(2):
+        assert _relative_error(fast[example], complex_path[example]) < TOLERANCES[dtype] / 10
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_wiener_writes_into_bins_contiguous_output(channels):
+    targets, mix = _random_problem(channels=channels, frames=50)
+    expected = wiener(targets, mix, 1, residual=True, window=20)
+    out = bins_contiguous(expected.shape, mix)
+    assert out.shape == expected.shape and out.stride()[-2:] == (1, 33)
+    result = wiener(targets, mix, 1, residual=True, window=20, out=out)
+    assert result is out
+    assert torch.equal(out, expected)
+
+
+def test_wiener_stereo_tiles_on_threads_are_the_same():
+    # With torch threads to spare the tiles run side by side, one intra-op thread each.
+    module = importlib.import_module("demixlab.spectral.wiener")
+    targets, mix = _random_problem(frames=50, bins=200, dtype=torch.float32)
+    caller_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            alone = wiener(targets, mix, 1, residual=True, window=20)
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            side_by_side = wiener(targets, mix, 1, residual=True, window=20)
+    finally:
+        torch.set_num_threads(caller_threads)
+    assert module.CPU_TILE_BINS < 200
+    assert torch.equal(alone, side_by_side)
+
+
+@pytest.mark.parametrize("n_fft, hop", [(4096, 1024), (512, 128), (512, 256), (256, 64)])
+@pytest.mark.parametrize("extra", [0, -300, 700])
+def test_inverse_stft_overlap_add_matches_torch_istft(n_fft, hop, extra):
+    # Without autograd on CPU, hops that divide n_fft take our overlap-add; the waveform is
+    # torch.istft's (also cropped or zero-padded to any length), from any layout of the bins.
+    stft = STFT(n_fft, hop)
+    wav = torch.randn(3, 2, 20000, generator=torch.Generator().manual_seed(0))
+    spec = stft(wav)
+    length = 20000 + extra
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns when it pads the end with zeros
+        expected = torch.istft(spec.reshape(6, *spec.shape[-2:]), n_fft, hop, window=torch.hann_window(n_fft),
+                               center=True, length=length).reshape(3, 2, length)
+        bins_first = spec.transpose(-1, -2).contiguous().transpose(-1, -2)
+        for layout in (spec, bins_first):
+            with torch.inference_mode():
+                out = stft.inverse(layout, length)
+            assert out.shape == (3, 2, length)
+            assert float((out - expected).abs().max()) < 1e-6 * float(expected.abs().max())
+        with torch.enable_grad():  # the differentiable path is torch.istft itself
+            assert torch.equal(stft.inverse(spec.clone().requires_grad_(), length).detach(), expected)

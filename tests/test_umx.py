@@ -323,3 +323,42 @@ def test_calibration_rejects_silence():
 def test_calibration_without_batches():
     with pytest.raises(DemixError, match="no training batches"):
         calibrate_umx(_small_umx(), [])
+
+
+def test_targets_side_by_side_on_threads_give_the_same_estimates():
+    # CPU inference with torch threads to spare runs the target networks in threads.
+    model = _small_umx().eval()
+    for seed, target in enumerate(model.targets.values()):
+        _randomise(target, seed)
+    magnitude = model.stft(torch.randn(1, 2, 16000)).abs()
+    caller_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            side_by_side = model.target_magnitudes(magnitude)
+    finally:
+        torch.set_num_threads(caller_threads)
+    with torch.no_grad():
+        in_turn = torch.stack([target(magnitude) for target in model.targets.values()], dim=1)
+    assert side_by_side.shape == (1, 3, 2, model.nb_bins, magnitude.shape[-1])
+    assert torch.equal(side_by_side, in_turn)
+
+
+def test_inference_folds_the_affine_layers_into_the_same_function():
+    # Eval mode without autograd folds the input normalisation into fc1 and bn3 with the output
+    # scaling into fc3; the estimates are those of the layers (up to rounding), also after the
+    # parameters change in place.
+    model = _small_umx().eval()
+    target = _randomise(model.targets["a"], seed=5)
+    magnitude = model.stft(torch.randn(2, 2, 16000)).abs()
+    for step in range(2):
+        with torch.enable_grad():
+            plain = target(magnitude).detach()
+        with torch.inference_mode():
+            folded = target(magnitude)
+        assert target._folded_cache is not None  # the folded path ran
+        assert float((folded - plain).abs().max()) < 1e-5 * float(plain.abs().max())
+        with torch.no_grad():
+            target.output_mean.add_(0.5)
+            target.bn3.running_var.mul_(2.0)
+            target.input_scale.mul_(0.5)

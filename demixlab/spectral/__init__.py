@@ -8,7 +8,7 @@
 - :mod:`.plot`: ragged sliCQT spectrogram plots (matplotlib, imported on use).
 """
 from .stft import STFT, StreamingISTFT, StreamingSTFT, bandwidth_to_max_bin, magnitude  # noqa: F401
-from .wiener import wiener  # noqa: F401
+from .wiener import bins_contiguous, wiener  # noqa: F401
 from .scales import SCALES, FrequencyScale, make_scale, suggested_lengths  # noqa: F401
 from .slicqt import (SliCQT, StreamingInverseSliCQT, StreamingSliCQT, flatten_slices, overlap_add,  # noqa: F401
                      unflatten_slices)

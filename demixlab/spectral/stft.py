@@ -72,10 +72,40 @@ class STFT(nn.Module):
     def inverse(self, spec: torch.Tensor, length: int) -> torch.Tensor:
         """(..., F, N) complex spectrogram -> (..., length) real waveform."""
         *others, bins, frames = spec.shape
-        wav = torch.istft(spec.reshape(-1, bins, frames), n_fft=self.n_fft, hop_length=self.hop_length,
-                          window=self._window_like(spec), center=True, normalized=False, onesided=True,
-                          length=length)
+        flat = spec.reshape(-1, bins, frames)
+        wav = None
+        if spec.device.type == "cpu" and self.n_fft % self.hop_length == 0 \
+                and not (torch.is_grad_enabled() and spec.requires_grad):
+            wav = self._overlap_add(flat, length)
+        if wav is None:
+            wav = torch.istft(flat, n_fft=self.n_fft, hop_length=self.hop_length, window=self._window_like(spec),
+                              center=True, normalized=False, onesided=True, length=length)
         return wav.reshape(*others, length)
+
+    def _overlap_add(self, spec: torch.Tensor, length: int) -> tp.Optional[torch.Tensor]:
+        """:func:`torch.istft` of (B, F, N) (`center=True`, `length`) within float rounding, for hops
+        that divide `n_fft`, on CPU: the frames' inverse FFTs (no transposing copy when the bins are
+        contiguous), windowed in place and added in `n_fft // hop` strided passes instead of torch's
+        generic fold. None where the summed squared window vanishes (torch.istft raises there)."""
+        n_fft, hop = self.n_fft, self.hop_length
+        window = self._window_like(spec)
+        frames = torch.fft.irfft(spec.transpose(-1, -2), n=n_fft).mul_(window)  # (B, N, n_fft)
+        batch, count, _ = frames.shape
+        overlap = n_fft // hop
+        total = (count + overlap - 1) * hop
+        out = frames.new_zeros(batch, total)
+        envelope = window.new_zeros(total)
+        squared = window * window
+        for part in range(overlap):
+            piece = slice(part * hop, (part + 1) * hop)
+            out[:, part * hop:(part + count) * hop].view(batch, count, hop).add_(frames[..., piece])
+            envelope[part * hop:(part + count) * hop].view(count, hop).add_(squared[piece])
+        start = n_fft // 2
+        end = min(start + length, total)
+        if end > start and float(envelope[start:end].abs().min()) < 1e-11:
+            return None
+        wav = out[:, start:end].div_(envelope[start:end])
+        return wav if end - start == length else torch.nn.functional.pad(wav, (0, length - (end - start)))
 
 
 class StreamingSTFT:

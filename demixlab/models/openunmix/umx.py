@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import DemixError
-from ...spectral import STFT, bandwidth_to_max_bin, wiener
+from ...threads import map_in_threads
+from ...spectral import STFT, bandwidth_to_max_bin, bins_contiguous, wiener
 from ...spectral.stft import StreamingISTFT, StreamingSTFT
 from ..contract import ModelStreamer, NetworkAxes, SeparationModel, require
 from ..losses import Objective, parse_source_weights
@@ -82,9 +83,39 @@ class OpenUnmixTarget(nn.Module):
             self.input_mean.copy_(-mean[:self.max_bin])
             self.input_scale.copy_(1.0 / std[:self.max_bin])
 
-    def forward(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
-        """Mixture magnitude (B, C, F, N) -> estimated target magnitude (B, C, F, N)."""
-        return self.decode(self.temporal(self.encode(mix_magnitude)), mix_magnitude)
+    def forward(self, mix_magnitude: torch.Tensor, out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mixture magnitude (B, C, F, N) -> estimated target magnitude (B, C, F, N), written into
+        `out` if given."""
+        return self.decode(self.temporal(self.encode(mix_magnitude)), mix_magnitude, out=out)
+
+    def _folded(self) -> tp.Optional[tp.Dict[str, torch.Tensor]]:
+        """In inference (eval mode, no autograd): the input normalisation folded into fc1 and bn3
+        with the output scaling folded into fc3, as weights and biases of one affine map each (the
+        same function, one product instead of four passes over the activations); None otherwise.
+        Kept while the parameters are unchanged (in place and in memory). Exports and compiled
+        graphs keep the layers as they are."""
+        if self.training or torch.is_grad_enabled() or _recording_a_graph():
+            return None
+        parameters = (self.input_mean, self.input_scale, self.fc1.weight, self.fc3.weight, self.output_scale,
+                      self.output_mean, self.bn3.weight, self.bn3.bias, self.bn3.running_mean, self.bn3.running_var)
+        key = tuple((tensor.data_ptr(), tensor._version) for tensor in parameters)
+        cached = getattr(self, "_folded_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        channels = self.nb_channels
+        # fc1((x + m) * s) = (W diag(s)) x + W (m * s), s and m per bin, repeated for each channel.
+        input_scale = self.input_scale.repeat(channels)
+        folded = {"fc1_weight": self.fc1.weight * input_scale,
+                  "fc1_bias": self.fc1.weight @ (self.input_mean.repeat(channels) * input_scale)}
+        # bn3(y) * o_s + o_m = y * a + c per output feature (channel-major, as fc3's outputs).
+        bn3 = self.bn3
+        gain = bn3.weight / torch.sqrt(bn3.running_var + bn3.eps)
+        output_scale = self.output_scale.repeat(channels)
+        bias = (bn3.bias - bn3.running_mean * gain) * output_scale + self.output_mean.repeat(channels)
+        # [weight | bias], (C * F, hidden_size + 1), for features with a column of ones appended.
+        folded["fc3_augmented"] = torch.cat([self.fc3.weight * (gain * output_scale)[:, None], bias[:, None]], dim=1)
+        self._folded_cache = (key, folded)
+        return folded
 
     # The three stages of `forward`, public so that X-UMX can bridge targets between them.
     def encode(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
@@ -93,8 +124,13 @@ class OpenUnmixTarget(nn.Module):
         batch, channels, _, frames = mix_magnitude.shape
         # Frame vectors: (B, N, C, max_bin), flattened to (B * N, C * max_bin) for the dense layers.
         x = mix_magnitude[:, :, :self.max_bin].permute(0, 3, 1, 2)
-        x = (x + self.input_mean) * self.input_scale
-        x = self.fc1(x.reshape(batch * frames, channels * self.max_bin))
+        folded = self._folded()
+        if folded is None:
+            x = (x + self.input_mean) * self.input_scale
+            x = self.fc1(x.reshape(batch * frames, channels * self.max_bin))
+        else:
+            x = torch.addmm(folded["fc1_bias"], x.reshape(batch * frames, channels * self.max_bin),
+                            folded["fc1_weight"].t())
         return torch.tanh(self.bn1(x)).reshape(batch, frames, self.hidden_size)
 
     def temporal(self, features: torch.Tensor) -> torch.Tensor:
@@ -110,16 +146,35 @@ class OpenUnmixTarget(nn.Module):
         recurrent, state = self.lstm(features, state)
         return torch.cat([features, recurrent], dim=-1), state
 
-    def decode(self, features: torch.Tensor, mix_magnitude: torch.Tensor) -> torch.Tensor:
+    def decode(self, features: torch.Tensor, mix_magnitude: torch.Tensor,
+               out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """Features (B, N, 2 * hidden_size) -> target magnitude (B, C, F, N): fc2/bn2/relu and
-        fc3/bn3 give a non-negative mask (after output scaling) that multiplies the mixture."""
+        fc3/bn3 give a non-negative mask (after output scaling) that multiplies the mixture.
+        The result is written into `out` if given (not differentiable then)."""
         batch, channels, bins, frames = mix_magnitude.shape
         x = features.reshape(batch * frames, 2 * self.hidden_size)
         x = F.relu(self.bn2(self.fc2(x)))
-        x = self.bn3(self.fc3(x)).reshape(batch, frames, channels, bins)
-        mask = F.relu(x * self.output_scale + self.output_mean).permute(0, 2, 3, 1)
+        folded = self._folded()
+        if folded is None:
+            x = self.bn3(self.fc3(x)).reshape(batch, frames, channels, bins)
+            mask = F.relu(x * self.output_scale + self.output_mean).permute(0, 2, 3, 1)
+        else:
+            # The product taken transposed gives the mask in the mixture's (B, C, F, N) layout, and
+            # fc3's bias rides on a column of ones: no transposing copy, no pass over it but relu.
+            ones = x.new_ones(batch * frames, 1)
+            x = torch.cat([x, ones], dim=1).reshape(batch, frames, self.hidden_size + 1)
+            mask = F.relu(folded["fc3_augmented"] @ x.transpose(1, 2), inplace=True)
+            mask = mask.reshape(batch, channels, bins, frames)
         # The mask multiplies the mixture, whose gradient is not followed.
+        if out is not None:
+            return torch.mul(mask, mix_magnitude.detach(), out=out)
         return mask * mix_magnitude.detach()
+
+
+def _recording_a_graph() -> bool:
+    """Whether torch is tracing, exporting or compiling the call (which must see plain layers and
+    no writes into preallocated outputs)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def clean_reference_state(state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, torch.Tensor]:
@@ -190,8 +245,16 @@ class UMX(SeparationModel):
             target.set_input_statistics(mean, std)
 
     def target_magnitudes(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
-        """Mixture magnitude (B, C, F, N) -> the estimates of the networked sources (B, S', C, F, N)."""
-        return torch.stack([target(mix_magnitude) for target in self.targets.values()], dim=1)
+        """Mixture magnitude (B, C, F, N) -> the estimates of the networked sources (B, S', C, F, N).
+
+        Inference on CPU runs the target networks side by side on torch's threads, one intra-op
+        thread each (a batch-1 LSTM keeps one core busy at best); the same estimates as in turn."""
+        targets = list(self.targets.values())
+        if torch.is_grad_enabled() or mix_magnitude.device.type != "cpu" or _recording_a_graph():
+            return torch.stack([target(mix_magnitude) for target in targets], dim=1)
+        estimates = mix_magnitude.new_empty(mix_magnitude.shape[0], len(targets), *mix_magnitude.shape[1:])
+        map_in_threads(lambda index: targets[index](mix_magnitude, out=estimates[:, index]), range(len(targets)))
+        return estimates
 
     def streamed_magnitudes(self, mix_magnitude: torch.Tensor, states: tp.Optional[tp.List[tp.Any]]
                             ) -> tp.Tuple[torch.Tensor, tp.List[tp.Any]]:
@@ -243,8 +306,11 @@ class UMX(SeparationModel):
     def network_outputs(self, outputs: tp.Sequence[torch.Tensor], context: torch.Tensor,
                         mixture: torch.Tensor) -> torch.Tensor:
         """The multichannel Wiener filter on the mixture STFT (`context`), then the inverse STFT."""
+        batch, count, _, bins, frames = outputs[0].shape
+        # The filter writes the source STFTs with contiguous bins, the order the inverse STFT reads.
+        layout = bins_contiguous((batch, count + self.residual, context.shape[1], bins, frames), context)
         source_stfts = wiener(outputs[0], context, self.wiener_iterations, softmask=self.softmask,
-                              residual=self.residual, window=self.wiener_window)
+                              residual=self.residual, window=self.wiener_window, out=layout)
         return self.stft.inverse(source_stfts, length=mixture.shape[-1])
 
     def network_axes(self) -> NetworkAxes:
