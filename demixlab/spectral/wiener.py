@@ -9,7 +9,9 @@ so on CPU each window is filtered in tiles of a few dozen bins, whose dozen elem
 per EM step run on data that stays in the core's cache (tiles run side by side on torch's
 threads, one intra-op thread each: :mod:`demixlab.threads`); and the complex numbers are held as real
 components, so that the sums over frames and over sources are small batched matrix products.
-Other channel counts and differentiable calls filter whole windows in complex arithmetic.
+Differentiable stereo calls (sliCQ-CDAE's training step) filter whole windows in real arithmetic
+too (:func:`_wiener_stereo`, whose autograd graph has no complex kernels); other channel counts,
+and soft masks or a residual source under autograd, filter whole windows in complex arithmetic.
 """
 import functools
 import math
