@@ -88,20 +88,16 @@ class OpenUnmixTarget(nn.Module):
         `out` if given."""
         return self.decode(self.temporal(self.encode(mix_magnitude)), mix_magnitude, out=out)
 
-    def _folded(self) -> tp.Optional[tp.Dict[str, torch.Tensor]]:
-        """In inference (eval mode, no autograd): the input normalisation folded into fc1 and bn3
-        with the output scaling folded into fc3, as weights and biases of one affine map each (the
-        same function, one product instead of four passes over the activations); None otherwise.
-        Kept while the parameters are unchanged (in place and in memory). Exports and compiled
-        graphs keep the layers as they are."""
-        if self.training or torch.is_grad_enabled() or _recording_a_graph():
+    def _folded(self, fold: bool) -> tp.Optional[tp.Dict[str, torch.Tensor]]:
+        """With `fold`, in inference (eval mode, no autograd): the input normalisation folded into
+        fc1 and bn3 with the output scaling folded into fc3, as weights and biases of one affine
+        map each (the same function, one product instead of four passes over the activations);
+        None otherwise. Computed on every call (a few ms at full size): a cache keyed on the
+        parameters' versions let validation use stale folded weights after the solver swapped
+        weights in (the exact-resume tests caught it). Exports and compiled graphs keep the
+        layers as they are."""
+        if not fold or self.training or torch.is_grad_enabled() or _recording_a_graph():
             return None
-        parameters = (self.input_mean, self.input_scale, self.fc1.weight, self.fc3.weight, self.output_scale,
-                      self.output_mean, self.bn3.weight, self.bn3.bias, self.bn3.running_mean, self.bn3.running_var)
-        key = tuple((tensor.data_ptr(), tensor._version) for tensor in parameters)
-        cached = getattr(self, "_folded_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
         channels = self.nb_channels
         # fc1((x + m) * s) = (W diag(s)) x + W (m * s), s and m per bin, repeated for each channel.
         input_scale = self.input_scale.repeat(channels)
@@ -114,17 +110,17 @@ class OpenUnmixTarget(nn.Module):
         bias = (bn3.bias - bn3.running_mean * gain) * output_scale + self.output_mean.repeat(channels)
         # [weight | bias], (C * F, hidden_size + 1), for features with a column of ones appended.
         folded["fc3_augmented"] = torch.cat([self.fc3.weight * (gain * output_scale)[:, None], bias[:, None]], dim=1)
-        self._folded_cache = (key, folded)
         return folded
 
     # The three stages of `forward`, public so that X-UMX can bridge targets between them.
-    def encode(self, mix_magnitude: torch.Tensor) -> torch.Tensor:
+    def encode(self, mix_magnitude: torch.Tensor, fold: bool = True) -> torch.Tensor:
         """Mixture magnitude (B, C, F, N) -> frame features (B, N, hidden_size) in [-1, 1]:
-        the normalised frames below `max_bin` through fc1, bn1 and tanh."""
+        the normalised frames below `max_bin` through fc1, bn1 and tanh (`fold`: see
+        :meth:`_folded`; streams of a few frames per call pass False)."""
         batch, channels, _, frames = mix_magnitude.shape
         # Frame vectors: (B, N, C, max_bin), flattened to (B * N, C * max_bin) for the dense layers.
         x = mix_magnitude[:, :, :self.max_bin].permute(0, 3, 1, 2)
-        folded = self._folded()
+        folded = self._folded(fold)
         if folded is None:
             x = (x + self.input_mean) * self.input_scale
             x = self.fc1(x.reshape(batch * frames, channels * self.max_bin))
@@ -147,14 +143,15 @@ class OpenUnmixTarget(nn.Module):
         return torch.cat([features, recurrent], dim=-1), state
 
     def decode(self, features: torch.Tensor, mix_magnitude: torch.Tensor,
-               out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+               out: tp.Optional[torch.Tensor] = None, fold: bool = True) -> torch.Tensor:
         """Features (B, N, 2 * hidden_size) -> target magnitude (B, C, F, N): fc2/bn2/relu and
         fc3/bn3 give a non-negative mask (after output scaling) that multiplies the mixture.
-        The result is written into `out` if given (not differentiable then)."""
+        The result is written into `out` if given (not differentiable then); `fold` as in
+        :meth:`encode`."""
         batch, channels, bins, frames = mix_magnitude.shape
         x = features.reshape(batch * frames, 2 * self.hidden_size)
         x = F.relu(self.bn2(self.fc2(x)))
-        folded = self._folded()
+        folded = self._folded(fold)
         if folded is None:
             x = self.bn3(self.fc3(x)).reshape(batch, frames, channels, bins)
             mask = F.relu(x * self.output_scale + self.output_mean).permute(0, 2, 3, 1)
@@ -264,8 +261,8 @@ class UMX(SeparationModel):
         states = states or [None] * len(targets)
         outputs, new_states = [], []
         for target, state in zip(targets, states):
-            features, state = target.temporal_step(target.encode(mix_magnitude), state)
-            outputs.append(target.decode(features, mix_magnitude))
+            features, state = target.temporal_step(target.encode(mix_magnitude, fold=False), state)
+            outputs.append(target.decode(features, mix_magnitude, fold=False))
             new_states.append(state)
         return torch.stack(outputs, dim=1), new_states
 

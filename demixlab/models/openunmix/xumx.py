@@ -58,10 +58,11 @@ class XUMX(UMX):
         `states` (None at the start); returns the new states too. The bridges are frame-local."""
         targets = list(self.targets.values())
         states = states or [None] * len(targets)
-        features = self._cross([target.encode(mix_magnitude) for target in targets])
+        features = self._cross([target.encode(mix_magnitude, fold=False) for target in targets])
         steps = [target.temporal_step(x, state) for target, x, state in zip(targets, features, states)]
         features = self._cross([x for x, _ in steps])
-        estimates = torch.stack([target.decode(x, mix_magnitude) for target, x in zip(targets, features)], dim=1)
+        estimates = torch.stack([target.decode(x, mix_magnitude, fold=False) for target, x in zip(targets, features)],
+                                dim=1)
         return estimates, [state for _, state in steps]
 
     def _cross(self, features: tp.List[torch.Tensor]) -> tp.List[torch.Tensor]:
