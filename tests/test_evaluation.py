@@ -24,6 +24,7 @@ def test_global_sdr_matches_direct_numpy_formula():
     assert global_sdr(references, references).min() > 100  # perfect estimate: eps-limited, huge
 
 
+@pytest.mark.slow
 def test_museval_track_and_aggregate_match_museval_stores():
     import museval  # runtime dependency; needs ffmpeg on PATH
     samplerate = 8000

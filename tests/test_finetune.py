@@ -64,6 +64,7 @@ def _parameter_names(checkpoint: dict) -> tp.List[str]:
     return [name for name, _ in model.named_parameters()]
 
 
+@pytest.mark.slow
 def test_frozen_parameters_are_unchanged_after_training(workdir, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="demixlab")
     code, child = _run(workdir, monkeypatch, "finetune.freeze=[*.fc1.*,targets.bass.bn1.*]")

@@ -146,6 +146,7 @@ def decode_calls(monkeypatch) -> tp.List[tp.List[str]]:
     return calls
 
 
+@pytest.mark.slow
 def test_wav_cache_equals_musdb_decode(musdb_root, tmp_path, decode_calls):
     data = build(musdb_root, tmp_path, valid_tracks=["Artist A - Song"])
     assert len(decode_calls) == 3  # one ffmpeg call per file, all five streams at once

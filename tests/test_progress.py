@@ -32,6 +32,7 @@ def gone(pid: int, patience: float = 10) -> bool:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_slow_but_progressing_wait_succeeds_past_the_stall_timeout(tmp_path):
     log = tmp_path / "train.log"
     done = threading.Event()
@@ -65,6 +66,7 @@ def test_a_changing_value_is_progress_too():
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.slow
 def test_a_command_that_keeps_printing_runs_past_the_stall_timeout():
     result = run_until_stalled([*PYTHON, "import time\nfor i in range(40): print(i); time.sleep(0.1)"],
                                stall_timeout=2)
@@ -86,6 +88,7 @@ def test_a_command_that_stalls_fails_and_its_process_group_is_killed(tmp_path):
         assert gone(pid)
 
 
+@pytest.mark.slow
 def test_a_watched_folder_is_progress_for_a_silent_command(tmp_path):
     script = f"import time, pathlib\nfor i in range(20): pathlib.Path({str(tmp_path)!r}, str(i)).touch(); time.sleep(0.2)"
     assert run_until_stalled([*PYTHON, script], progress=[tmp_path], stall_timeout=2).returncode == 0

@@ -367,6 +367,7 @@ def test_dora_run_trains_the_family_on_the_toy_data(tmp_path, cache_dir, family)
     assert "nsdr_vocals" in history[-1]["test"]
 
 
+@pytest.mark.slow
 def test_an_xp_can_start_from_a_model_file(tmp_path, in_process, capsys, caplog):
     """Fine-tuning an imported model: `continue_from=PATH.th` starts from the file's weights."""
     from demixlab.release.model_file import package_model, save_package

@@ -108,6 +108,7 @@ def test_a_missing_space_file_is_a_one_line_error(tmp_path, dora_main, capsys):
                                       "(No such file or directory)\n"
 
 
+@pytest.mark.slow
 def test_a_trial_is_the_xp_dora_run_makes_of_its_overrides(tmp_path, cache_dir, dora_main):
     space = read_space(write_space(tmp_path, params={
         "optim.lr": {"low": 1e-6, "high": 1e-2, "log": True}, "model": {"choices": ["umx", "xumx"]},

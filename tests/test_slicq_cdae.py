@@ -171,6 +171,7 @@ def test_reference_state_dict_gives_the_same_masks_and_outputs(audio):
         load_reference_state_dict(SliCQCDAE(SOURCES, 44100, 2, **SMALL), reference.state_dict())
 
 
+@pytest.mark.slow
 def test_training_step_gradients_match_the_reference(audio, monkeypatch):
     """One training-mode step (BatchNorm on batch statistics) of the reference model and criteria
     (xumx-sliCQ-V2's loop) and of ours: the same loss and the same gradient for every weight."""

@@ -151,6 +151,7 @@ def test_early_stopping_ends_training_after_patience_epochs_without_improvement(
     assert [entry["best"] for entry in history] == [True, False] and "test" in history[-1]
 
 
+@pytest.mark.slow
 def test_the_plateau_schedule_cuts_the_learning_rate_through_the_solver(in_process, tmp_path):
     # The learning rate itself as the metric: it never improves after the first epoch.
     assert in_process(*RUN, "scheduler.name=plateau", "scheduler.patience=0", "scheduler.cooldown=0",
@@ -160,6 +161,7 @@ def test_the_plateau_schedule_cuts_the_learning_rate_through_the_solver(in_proce
     assert rates == pytest.approx([1e-3, 1e-3, 5e-4])
 
 
+@pytest.mark.slow
 def test_test_every_evaluates_during_training(in_process, tmp_path):
     assert in_process(*RUN, "test.every=1") == 0
     history = _history(tmp_path)

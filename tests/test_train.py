@@ -187,6 +187,7 @@ def test_bad_options_are_one_line_errors_naming_the_key(in_process, capsys, args
     assert message in _one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_a_user_error_reaches_the_shell_as_one_line_and_exit_code_2(tmp_path, cache_dir):
     result = dora(tmp_path, cache_dir, *TINY_SOLVER, "dset=musdb18hq", check=False)
     assert result.returncode == 2
