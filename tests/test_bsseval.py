@@ -195,6 +195,26 @@ def test_gram_solver_matches_a_dense_solve_and_falls_back_on_indefinite_systems(
         torch.testing.assert_close(bsseval._solve(matrix.clone(), rhs, overwrite=True), solution, rtol=0, atol=0)
 
 
+def test_rounding_singular_gram_systems_are_loaded_not_solved_by_lu(monkeypatch):
+    import demixlab.evaluation.bsseval as bsseval
+    monkeypatch.setattr(bsseval, "_warned_singular", True)
+    generator = torch.Generator().manual_seed(20)
+    thin = torch.randn(60, 20, generator=generator, dtype=torch.float64)
+    gram = thin @ thin.mT  # rank 20 of 60: positive semi-definite
+    gram.diagonal().sub_(1e-14 * float(gram.diagonal().max()))  # its null space just below zero, as rounding leaves it
+    rhs = thin @ torch.randn(20, 3, generator=generator, dtype=torch.float64)  # in its range: consistent
+
+    def no_lu(*args, **kwargs):
+        raise AssertionError("a positive semi-definite system fell back to LU")
+
+    monkeypatch.setattr(bsseval.lapack, "dgesv", no_lu)
+    solution = bsseval._solve(gram, rhs)
+    minimum_norm = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ rhs
+    torch.testing.assert_close(gram @ solution, rhs, rtol=0, atol=1e-9)
+    # not LU's arbitrary null-space components: the minimum-norm solution, up to rounding's share
+    assert torch.linalg.norm(solution - minimum_norm) < 1e-2 * torch.linalg.norm(minimum_norm)  # LU: 4 % off
+
+
 def test_frequency_tiles_do_not_change_the_metrics(monkeypatch):
     import demixlab.evaluation.bsseval as bsseval
     references = clip(2, 3, seed=19)

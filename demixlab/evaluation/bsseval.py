@@ -65,6 +65,8 @@ FILTERS_LEN = 512
 SINGULAR_RCOND = 1e-10  # smallest / largest squared Cholesky pivot below which the system counts as singular
 METRICS = ("sdr", "isr", "sir", "sar")
 _EPS = float(np.finfo(np.float64).eps)  # museval's regularisation of the Gram matrix
+_BLAS_THREADS = 1  # for the Gram solves (see _solve_lapack)
+_DIAGONAL_LOADING = 16  # x N eps max(diagonal): what a rounding-singular Gram system is loaded with (see _solve_lapack)
 _CORRELATION_FFT = 65536  # block FFT size for the track-long cross-correlations (see _lagged_correlations)
 _CORRELATION_FFT_ONE_THREAD = 16384  # the same on one CPU thread
 _CORRELATION_CHUNK = 1 << 17  # samples of FFT input per row transformed at once (see _FRAMES_PER_CHUNK)
@@ -264,7 +266,8 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
 
 def _solve(matrix: torch.Tensor, rhs: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """Solve the symmetric positive (semi-)definite Gram system(s) by Cholesky; when that fails
-    (singular to rounding), by LU.
+    (singular to rounding), on the CPU by Cholesky of the diagonally loaded system (LU when even
+    that fails), on other devices by LU.
 
     ``matrix`` (..., N, N), ``rhs`` (..., N, M). With ``overwrite``, a CPU ``matrix`` is used as
     the factorisation's workspace (LAPACK in place: no copies of the big system) and holds
@@ -299,8 +302,8 @@ def _singular(cholesky_diagonal: torch.Tensor) -> bool:
 
 
 def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Tensor, bool]:
-    """CPU solve of (..., N, N) symmetric systems by LAPACK's potrf/potrs (gesv when Cholesky
-    fails), factorising in place.
+    """CPU solve of (..., N, N) symmetric systems by LAPACK's potrf/potrs (on the diagonally loaded
+    system when Cholesky fails, gesv when that fails too), factorising in place.
 
     ``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes its upper
     triangle afterwards: two extra passes over a 134 MB system. A C-contiguous symmetric matrix
@@ -312,7 +315,7 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
     solutions, singular = [], False
     # One BLAS thread: a 2-thread OpenBLAS next to torch's 2-thread OpenMP pool made the whole
     # evaluation 5x slower on 2 cores (12.5 s against 2.3 s per 20 s track: the pools collide).
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    with threadpoolctl.threadpool_limits(_BLAS_THREADS, user_api="blas"):
         for system, right in zip(matrix.reshape(-1, *matrix.shape[-2:]), rhs.reshape(-1, *rhs.shape[-2:])):
             diagonal = system.diagonal().clone()
             array = system.numpy().T  # column-major view, same values (symmetric)
@@ -322,13 +325,21 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
                 solution, info = lapack.dpotrs(factor, right.numpy(), lower=1)
                 solutions.append(torch.from_numpy(solution))
                 continue
-            # Not positive definite (singular to rounding): potrf wrote only the view's lower
-            # triangle, i.e. this tensor's upper one. Mirror the intact lower triangle over it,
-            # restore the diagonal and solve by LU (gesv: sysv's LDL^T took about 3x longer in bench/sdr.py).
-            mirrored = system.mT.triu(1)
-            system.tril_(-1).add_(mirrored).diagonal().copy_(diagonal)
-            del mirrored
-            solution = lapack.dgesv(array, right.numpy(), overwrite_a=1)[2]
+            # Not positive definite: singular to rounding (band-limited references), or truly
+            # indefinite. potrf wrote only the view's lower triangle, i.e. this tensor's upper one:
+            # mirror the intact lower triangle over it. A positive semi-definite system fails only
+            # by rounding, of the order of N eps max(diagonal) (Cholesky's backward error): loaded
+            # with a few times that, it factorises, and the loaded solution is the minimum-norm
+            # one up to that (a Tikhonov solution). That costs one potrf more; LU (gesv) cost two.
+            system.tril_(-1).add_(system.mT.triu(1))
+            loading = _DIAGONAL_LOADING * system.shape[-1] * _EPS * float(diagonal.abs().max())
+            system.diagonal().copy_(diagonal + loading)
+            factor, info = lapack.dpotrf(array, lower=1, clean=0, overwrite_a=1)
+            if info == 0:
+                solution, info = lapack.dpotrs(factor, right.numpy(), lower=1)
+            else:  # truly indefinite: restore it and solve by LU (sysv's LDL^T took about 3x longer)
+                system.tril_(-1).add_(system.mT.triu(1)).diagonal().copy_(diagonal)
+                solution = lapack.dgesv(array, right.numpy(), overwrite_a=1)[2]
             solutions.append(torch.from_numpy(solution))
             singular = True
     return torch.stack(solutions).reshape(rhs.shape), singular
