@@ -240,20 +240,19 @@ def _stereo_tile(targets: torch.Tensor, mix: torch.Tensor, iterations: int, soft
     count = targets.shape[1] + residual
     mixture = _stereo_components(mix)
     weights = targets.to(mixture.dtype).permute(0, 3, 1, 2, 4)  # (B, f, S, C', n)
+    tile_scale = scale.reshape(batch, 1, 1, 1) if iterations > 0 and scale is not None else None
     gain = None
-    if iterations > 0 and not softmask and not residual:
-        tile_scale = scale.reshape(batch, 1, 1, 1)
+    if tile_scale is not None and not softmask and not residual:
         mixture = mixture / tile_scale
         sources, gain = _stereo_em(*_magnitude_statistics(weights / tile_scale.unsqueeze(-1), mixture), mixture,
                                    iterations, eps)
     else:
         sources = _stereo_estimates(weights, mixture, softmask, residual, eps)
-        if iterations > 0:
-            tile_scale = scale.reshape(batch, 1, 1, 1)
+        if tile_scale is not None:
             sources, gain = _stereo_em(*_stereo_statistics(sources.div_(tile_scale.unsqueeze(-1))),
                                        mixture / tile_scale, iterations, eps)
     if gain is not None:
-        gain = gain.mul_(tile_scale).unsqueeze(3)  # (B, f, S, 1, n)
+        gain = gain.mul_(tile_scale).unsqueeze(3)  # (B, f, S, 1, n): v_j times the rescaling
     # Into the complex output, real and imaginary parts each a strided pass along the frames.
     parts = sources.view(batch, bins, count, 2, 2, frames)
     halves = torch.view_as_real(out)
