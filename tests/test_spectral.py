@@ -178,9 +178,10 @@ def test_wiener_is_differentiable():
 @pytest.mark.parametrize("iterations", [0, 1, 2])
 @pytest.mark.parametrize("softmask, residual", [(False, False), (True, False), (False, True)])
 def test_wiener_stereo_tiles_match_complex_path(monkeypatch, dtype, iterations, softmask, residual):
-    # Stereo inference filters tiles of bins in real arithmetic; a differentiable call takes the
-    # complex path over whole windows. Tiles of 8 bins over 33 (the last one short), windows of
-    # 20 frames over 50, and a loud example (rescaled before EM) must give the same sources.
+    # Stereo inference filters tiles of bins in real arithmetic; a differentiable call takes whole
+    # windows (soft masks and a residual source: the complex path). Tiles of 8 bins over 33 (the
+    # last one short), windows of 20 frames over 50, and a loud example (rescaled before EM) must
+    # give the same sources.
     module = importlib.import_module("demixlab.spectral.wiener")
     monkeypatch.setattr(module, "CPU_TILE_BINS", 8)
     tiles = []
@@ -199,6 +200,61 @@ def test_wiener_stereo_tiles_match_complex_path(monkeypatch, dtype, iterations, 
     assert fast.shape == complex_path.shape == (2, 3 + residual, 2, 33, 50) and fast.dtype == mix.dtype
     for example in range(2):
         assert _relative_error(fast[example], complex_path[example]) < TOLERANCES[dtype] / 10
+
+
+def _complex_path(targets: torch.Tensor, mix: torch.Tensor, iterations: int, window: int) -> torch.Tensor:
+    """Our generic complex-arithmetic EM (what other channel counts take), window by window."""
+    module = importlib.import_module("demixlab.spectral.wiener")
+    return torch.cat([module._wiener_complex(targets[..., start:start + window], mix[..., start:start + window],
+                                             iterations, False, False, 10.0, 1e-10)
+                      for start in range(0, mix.shape[-1], window)], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("iterations", [1, 2])
+@pytest.mark.parametrize("target_channels", [1, 2])
+def test_wiener_stereo_inference_and_differentiable_drivers_agree(monkeypatch, dtype, iterations, target_channels):
+    # The two drivers of the one stereo EM: tiles of bins written into the output (no autograd;
+    # tiles of 8 over 33 bins, the last one short) and whole windows under autograd. Windows of
+    # 20 frames over 50 and a loud example (rescaled before EM); both give the complex path's sources.
+    module = importlib.import_module("demixlab.spectral.wiener")
+    monkeypatch.setattr(module, "CPU_TILE_BINS", 8)
+    calls = []
+    for name in ("_stereo_tile", "_wiener_stereo"):
+        driver = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _name=name, _driver=driver, **kwargs:
+                            calls.append(_name) or _driver(*args, **kwargs))
+    module._stereo_maps.cache_clear()  # first asked for in inference mode, then used under autograd
+    targets, mix = _random_problem(frames=50, dtype=dtype, target_channels=target_channels)
+    mix[1] *= 1e3
+    targets[1] *= 1e3
+    with torch.inference_mode():
+        tiled = wiener(targets, mix, iterations, window=20)
+    leaf = targets.clone().requires_grad_()
+    whole = wiener(leaf, mix, iterations, window=20)
+    assert calls == ["_stereo_tile"] * 15 + ["_wiener_stereo"] * 3 and whole.requires_grad
+    reference = _complex_path(targets, mix, iterations, 20)
+    assert tiled.shape == whole.shape == reference.shape == (2, 3, 2, 33, 50)
+    for example in range(2):
+        assert _relative_error(tiled[example], whole[example].detach()) < TOLERANCES[dtype] / 10
+        assert _relative_error(whole[example].detach(), reference[example]) < TOLERANCES[dtype] / 10
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+@pytest.mark.parametrize("target_channels", [1, 2])
+def test_stereo_wiener_gradients_match_complex_path(iterations, target_channels):
+    """The real-arithmetic stereo EM and our complex path have the same gradients, through both the
+    targets and the mixture (float64: rounding only)."""
+    targets, mix = _random_problem(target_channels=target_channels, frames=50)
+    mix[1] *= 1e2  # one example rescaled before EM
+    weights = torch.randn(2, 3, 2, 33, 50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gradients = []
+    for separate in (lambda t, m: wiener(t, m, iterations, window=20), lambda t, m: _complex_path(t, m, iterations, 20)):
+        leaves = targets.clone().requires_grad_(), mix.clone().requires_grad_()
+        (torch.view_as_real(separate(*leaves)) * weights).sum().backward()
+        gradients.append([leaf.grad for leaf in leaves])
+    for stereo, complex_path in zip(*gradients):
+        assert _relative_error(stereo, complex_path) < 1e-9
 
 
 @pytest.mark.parametrize("channels", [1, 2])

@@ -3,15 +3,18 @@
 Works on any complex time-frequency representation laid out as (B, C, F, N): STFTs, or one
 block of a sliced constant-Q transform.
 
-Stereo inference (no autograd) takes a faster path with the same results within float rounding:
-everything but the rescaling (which looks at a whole window) is independent per frequency bin,
-so on CPU each window is filtered in tiles of a few dozen bins, whose dozen elementwise passes
-per EM step run on data that stays in the core's cache (tiles run side by side on torch's
-threads, one intra-op thread each: :mod:`demixlab.threads`); and the complex numbers are held as real
-components, so that the sums over frames and over sources are small batched matrix products.
-Differentiable stereo calls (sliCQ-CDAE's training step) filter whole windows in real arithmetic
-too (:func:`_wiener_stereo`, whose autograd graph has no complex kernels); other channel counts,
-and soft masks or a residual source under autograd, filter whole windows in complex arithmetic.
+Stereo EM has one real-arithmetic implementation (:func:`_stereo_em`: the covariance statistics,
+the mixture covariance's closed-form inverse and the filter), with the same results as the
+complex path within float rounding: the complex numbers are held as real components, so that
+the sums over frames and over sources are small batched matrix products, and an autograd graph
+has no complex kernels. Two thin drivers call it. Inference (no autograd,
+:func:`_stereo_tile`): everything but the rescaling (which looks at a whole window) is
+independent per frequency bin, so on CPU each window is filtered in tiles of a few dozen bins,
+whose dozen elementwise passes per EM step run on data that stays in the core's cache (tiles run
+side by side on torch's threads, one intra-op thread each: :mod:`demixlab.threads`), written
+straight into the output. Differentiable calls (sliCQ-CDAE's training step,
+:func:`_wiener_stereo`) filter whole windows. Other channel counts, and soft masks or a residual
+source under autograd, filter whole windows in complex arithmetic (:func:`_em_step`).
 """
 import functools
 import math
@@ -59,7 +62,7 @@ def wiener(targets: torch.Tensor, mix: torch.Tensor, iterations: int = 1, *, sof
         tiles = []
         for start in range(0, frames, step):
             window_mix = mix[..., start:start + step]
-            scale = torch.clamp(_peak_magnitude(window_mix) / scale_factor, min=1.0) if iterations > 0 else None
+            scale = _em_scale(window_mix, scale_factor) if iterations > 0 else None
             tiles += [(targets[..., low:low + tile, start:start + step], window_mix[..., low:low + tile, :], scale,
                        by_bin[:, low:low + tile, ..., start:start + step]) for low in range(0, bins, tile)]
 
@@ -89,10 +92,20 @@ def bins_contiguous(shape: tp.Sequence[int], like: torch.Tensor) -> torch.Tensor
 
 def _wiener_window(targets: torch.Tensor, mix: torch.Tensor, iterations: int, softmask: bool, residual: bool,
                    scale_factor: float, eps: float) -> torch.Tensor:
-    mix = mix.unsqueeze(1)  # (B, 1, C, F, N), broadcasts against sources
+    """:func:`wiener` on one window over whole windows (the path of autograd and of other channel
+    counts): stereo magnitudes with EM in real arithmetic (:func:`_wiener_stereo`), the rest in
+    complex arithmetic (:func:`_wiener_complex`)."""
     targets = targets.to(mix.real.dtype)
-    if mix.shape[2] == 2 and iterations > 0 and not softmask and not residual:
-        return _wiener_stereo(targets, mix[:, 0], iterations, scale_factor, eps)
+    if mix.shape[1] == 2 and iterations > 0 and not softmask and not residual:
+        return _wiener_stereo(targets, mix, iterations, scale_factor, eps)
+    return _wiener_complex(targets, mix, iterations, softmask, residual, scale_factor, eps)
+
+
+def _wiener_complex(targets: torch.Tensor, mix: torch.Tensor, iterations: int, softmask: bool, residual: bool,
+                    scale_factor: float, eps: float) -> torch.Tensor:
+    """:func:`wiener` on one window in complex arithmetic, any number of channels: targets
+    (B, S, C', F, N) real, mix (B, C, F, N) complex -> sources (B, S + residual, C, F, N)."""
+    mix = mix.unsqueeze(1)  # (B, 1, C, F, N), broadcasts against sources
     if softmask:
         sources = mix * (targets / (eps + targets.sum(dim=1, keepdim=True)))
     else:
@@ -102,10 +115,7 @@ def _wiener_window(targets: torch.Tensor, mix: torch.Tensor, iterations: int, so
         sources = torch.cat([sources, mix - sources.sum(dim=1, keepdim=True)], dim=1)
     if iterations == 0:
         return sources
-    # EM is run on a rescaled problem (peak magnitude at most `scale_factor`, per example):
-    # `eps` regularises the mixture covariance, so it only makes sense at a known scale.
-    peak = mix.abs().amax(dim=(2, 3, 4), keepdim=True)
-    scale = torch.clamp(peak / scale_factor, min=1.0)
+    scale = _em_scale(mix[:, 0], scale_factor).view(-1, 1, 1, 1, 1)
     # EM works with channels last: (B, S, F, N, C) and (B, F, N, C).
     sources = (sources / scale).permute(0, 1, 3, 4, 2)
     mix = (mix / scale)[:, 0].permute(0, 2, 3, 1)
@@ -116,84 +126,21 @@ def _wiener_window(targets: torch.Tensor, mix: torch.Tensor, iterations: int, so
 
 def _wiener_stereo(targets: torch.Tensor, mix: torch.Tensor, iterations: int, scale_factor: float,
                    eps: float) -> torch.Tensor:
-    """The EM path of :func:`_wiener_window` for two channels, in real arithmetic: magnitudes
-    `targets` (B, S, C', F, N) with the phase of `mix` (B, 2, F, N), the same rescaling, then
-    `iterations` EM steps (:func:`_em_filter_stereo`). Complex tensors only at the end: the
-    autograd graph of the complex version promoted every real factor and ran complex kernels
-    (sliCQ-CDAE's 70 blocks, forward and backward: 2.4x the time of this path on one CPU thread).
-
-    The first step's statistics come from the magnitudes y: a source's power per channel is y^2
-    and its cross term y_l y_r times the mixture's unit phasors u_l conj(u_r) (shared by sources).
+    """The EM path of :func:`_wiener_window` for two channels under autograd: magnitudes `targets`
+    (B, S, C', F, N) with the phase of `mix` (B, 2, F, N), the same rescaling, then `iterations`
+    EM steps of :func:`_stereo_em` over the whole window, in real arithmetic (the autograd graph
+    of the complex version promoted every real factor and ran complex kernels: sliCQ-CDAE's 70
+    blocks, forward and backward, took 2.4x the time of a real path on one CPU thread).
     """
-    peak = mix.abs().amax(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    scale = torch.clamp(peak / scale_factor, min=1.0)
-    phase = mix.angle()  # (B, 2, F, N)
-    cos, sin = torch.cos(phase), torch.sin(phase)
-    magnitude = targets / scale.unsqueeze(1)
-    left, right = magnitude[:, :, 0], magnitude[:, :, -1]  # (B, S, F, N); C' = 1: the same
-    cross = left * right
-    phasors = (cos[:, 0] * cos[:, 1] + sin[:, 0] * sin[:, 1], sin[:, 0] * cos[:, 1] - cos[:, 0] * sin[:, 1])
-    mix = mix / scale
-    mixture = (mix.real[:, 0], mix.imag[:, 0], mix.real[:, 1], mix.imag[:, 1])
-    gain = scale.view(-1, 1, 1)  # the last step scales its (B, F, N) filter back instead of the sources
-    sources = _em_filter_stereo(left.square(), right.square(), cross * phasors[0].unsqueeze(1),
-                                cross * phasors[1].unsqueeze(1), mixture, eps, gain if iterations == 1 else None)
-    for iteration in range(1, iterations):
-        sources = _em_step_stereo(sources, mixture, eps, gain if iteration == iterations - 1 else None)
-    # (B, S, F, 4, N) -> (B, S, 2, F, N, 2): channels, then real and imaginary parts last.
-    sources = sources.unflatten(3, (2, 2)).permute(0, 1, 3, 2, 5, 4).contiguous()
+    batch, count, _, bins, frames = targets.shape
+    scale = _em_scale(mix, scale_factor).view(batch, 1, 1, 1)
+    mixture = _stereo_components(mix) / scale  # (B, F, 4, N)
+    magnitude = (targets / scale.unsqueeze(1)).permute(0, 3, 1, 2, 4)  # (B, F, S, C', N)
+    filtered, psd = _stereo_em(*_magnitude_statistics(magnitude, mixture), mixture, iterations, eps)
+    sources = filtered * (psd * scale).unsqueeze(3)
+    # (B, F, S, 4, N) -> (B, S, 2, F, N, 2): channels, then real and imaginary parts last.
+    sources = sources.view(batch, bins, count, 2, 2, frames).permute(0, 2, 3, 1, 5, 4).contiguous()
     return torch.view_as_complex(sources)
-
-
-def _em_step_stereo(sources: torch.Tensor, mix: tp.Sequence[torch.Tensor], eps: float,
-                    gain: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`_em_step` for two channels on real and imaginary parts: sources (B, S, F, 4, N)
-    (left real, left imaginary, right real, right imaginary) and the mixture's parts, each
-    (B, F, N) (`gain`: see :func:`_em_filter_stereo`)."""
-    left_real, left_imag, right_real, right_imag = sources.unbind(3)
-    return _em_filter_stereo(left_real.square() + left_imag.square(), right_real.square() + right_imag.square(),
-                             left_real * right_real + left_imag * right_imag,
-                             left_imag * right_real - left_real * right_imag, mix, eps, gain)
-
-
-def _em_filter_stereo(power_left: torch.Tensor, power_right: torch.Tensor, cross_real: torch.Tensor,
-                      cross_imag: torch.Tensor, mix: tp.Sequence[torch.Tensor], eps: float,
-                      gain: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One EM update for two channels from the sources' powers |s_l|^2, |s_r|^2 and cross terms
-    s_l conj(s_r) (real and imaginary parts), each (B, S, F, N); the mixture as in
-    :func:`_em_step_stereo`. Returns the new sources (B, S, F, 4, N) (left real, left imaginary,
-    right real, right imaginary), times `gain` (B, 1, 1) when given (applied to the filter).
-
-    The model and filter of :func:`_em_step` with the 2 x 2 covariances kept as their entries:
-    a source's spatial covariance [[r_ll, r_lr], [conj(r_lr), r_rr]] (real diagonal), the
-    mixture's [[a, b], [conj(b), d]] (Hermitian: a real determinant). The sums over sources and
-    the filters applied to the whitened mixture are batched products over (B, F).
-    """
-    x_left_real, x_left_imag, x_right_real, x_right_imag = mix
-    psd = (power_left + power_right) / 2
-    weight = eps + psd.sum(dim=-1)  # (B, S, F)
-    # r_ll, r_rr, Re r_lr, Im r_lr: (B, S, F, 4)
-    spatial = torch.stack([power_left.sum(dim=-1), power_right.sum(dim=-1), cross_real.sum(dim=-1),
-                           cross_imag.sum(dim=-1)], dim=-1) / weight.unsqueeze(-1)
-    a, d, b_real, b_imag = torch.einsum("bsfk,bsfn->kbfn", spatial, psd).unbind(0)  # (B, F, N) each
-    a, d = a + math.sqrt(eps), d + math.sqrt(eps)
-    inv_det = 1 / (a * d - (b_real.square() + b_imag.square()))
-    if gain is not None:
-        inv_det = inv_det * gain
-    # The mixture whitened by its covariance: (d x_l - b x_r, a x_r - conj(b) x_l) / det, (B, F, 4, N).
-    white = torch.stack([d * x_left_real - (b_real * x_right_real - b_imag * x_right_imag),
-                         d * x_left_imag - (b_real * x_right_imag + b_imag * x_right_real),
-                         a * x_right_real - (b_real * x_left_real + b_imag * x_left_imag),
-                         a * x_right_imag - (b_real * x_left_imag - b_imag * x_left_real)], dim=2)
-    white = white * inv_det.unsqueeze(2)
-    # R_j as a real 4 x 4 map on (left real, left imaginary, right real, right imaginary).
-    r_ll, r_rr, r_real, r_imag = spatial.unbind(-1)
-    zero = torch.zeros_like(r_ll)
-    spatial_map = torch.stack([torch.stack([r_ll, zero, r_real, -r_imag], dim=-1),
-                               torch.stack([zero, r_ll, r_imag, r_real], dim=-1),
-                               torch.stack([r_real, r_imag, r_rr, zero], dim=-1),
-                               torch.stack([-r_imag, r_real, zero, r_rr], dim=-1)], dim=-2)  # (B, S, F, 4, 4)
-    return torch.einsum("bsfck,bfkn->bsfcn", spatial_map, white) * psd.unsqueeze(3)
 
 
 def _em_step(sources: torch.Tensor, mix: torch.Tensor, eps: float) -> torch.Tensor:
@@ -228,6 +175,13 @@ def _invert(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(matrix)
 
 
+def _em_scale(mix: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """What EM divides each example of a (B, ...) complex mixture by, (B,): its peak magnitude over
+    `scale_factor`, at least 1. EM runs on a rescaled problem because `eps` regularises the
+    mixture covariance, which only makes sense at a known scale."""
+    return torch.clamp(_peak_magnitude(mix) / scale_factor, min=1.0)
+
+
 def _peak_magnitude(mix: torch.Tensor) -> torch.Tensor:
     """Largest magnitude of each example of a (B, ...) complex tensor, (B,): located by the squared
     magnitudes (cheaper than `abs` everywhere), then the magnitude of that element."""
@@ -238,43 +192,83 @@ def _peak_magnitude(mix: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _stereo_maps(dtype: torch.dtype, device: torch.device) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """Linear maps from the flattened 4x4 Gram matrix of a source's components (re0, im0, re1, im1)
-    over frames to (1) its spatial covariance R as a 4x4 real matrix acting on components, and
-    (2) the entries (R00, R11, Re R01, Im R01); both before the division by the weight."""
-    to_matrix = torch.zeros(16, 16, dtype=dtype, device=device)
-    # R00 = G00 + G11, R11 = G22 + G33, Re R01 = G02 + G13, Im R01 = G12 - G03.
-    terms = {"r00": [(0, 1.0), (5, 1.0)], "r11": [(10, 1.0), (15, 1.0)], "re": [(2, 1.0), (7, 1.0)],
-             "im": [(6, 1.0), (3, -1.0)]}
-    # The complex product y = R x on components: rows (y0re, y0im, y1re, y1im).
-    layout = [[("r00", 1), None, ("re", 1), ("im", -1)],
-              [None, ("r00", 1), ("im", 1), ("re", 1)],
-              [("re", 1), ("im", 1), ("r11", 1), None],
-              [("im", -1), ("re", 1), None, ("r11", 1)]]
-    for row in range(4):
-        for col in range(4):
-            if layout[row][col] is not None:
-                name, sign = layout[row][col]
-                for gram_index, value in terms[name]:
-                    to_matrix[gram_index, row * 4 + col] += sign * value
-    to_entries = to_matrix[:, [0, 10, 2, 6]].clone()
-    return to_matrix, to_entries
+    """Two linear maps of the stereo path: (16, 4) from the flattened 4 x 4 Gram matrix of a
+    source's components (re0, im0, re1, im1) over frames to the entries (R00, R11, Re R01, Im R01)
+    of its spatial covariance R (before the division by the weight), and (4, 16) from these
+    entries to R as a flattened 4 x 4 real matrix acting on components. Normal tensors even when
+    first asked for in inference mode: differentiable calls use the same cached maps."""
+    with torch.inference_mode(False):
+        return _build_stereo_maps(dtype, device)
+
+
+def _build_stereo_maps(dtype: torch.dtype, device: torch.device) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """The maps of :func:`_stereo_maps`, built anew."""
+    # R00 = G00 + G11, R11 = G22 + G33, Re R01 = G02 + G13, Im R01 = G12 - G03 (G flattened).
+    to_entries = torch.zeros(16, 4, dtype=dtype, device=device)
+    for entry, terms in enumerate([[(0, 1.0), (5, 1.0)], [(10, 1.0), (15, 1.0)], [(2, 1.0), (7, 1.0)],
+                                   [(6, 1.0), (3, -1.0)]]):
+        for gram_index, value in terms:
+            to_entries[gram_index, entry] = value
+    # The complex product y = R x on components, rows (y0re, y0im, y1re, y1im): (entry, sign) per column.
+    layout = [[(0, 1), None, (2, 1), (3, -1)],
+              [None, (0, 1), (3, 1), (2, 1)],
+              [(2, 1), (3, 1), (1, 1), None],
+              [(3, -1), (2, 1), None, (1, 1)]]
+    to_map = torch.zeros(4, 16, dtype=dtype, device=device)
+    for row, columns in enumerate(layout):
+        for col, term in enumerate(columns):
+            if term is not None:
+                to_map[term[0], row * 4 + col] = term[1]
+    return to_entries, to_map
+
+
+def _stereo_components(mix: torch.Tensor) -> torch.Tensor:
+    """A complex stereo (B, 2, F, N) tensor as real components (B, F, 4, N): (re0, im0, re1, im1)."""
+    batch, _, bins, frames = mix.shape
+    return torch.view_as_real(mix).permute(0, 2, 1, 4, 3).reshape(batch, bins, 4, frames)
 
 
 def _stereo_tile(targets: torch.Tensor, mix: torch.Tensor, iterations: int, softmask: bool, residual: bool,
                  scale: tp.Optional[torch.Tensor], eps: float, out: torch.Tensor) -> None:
-    """:func:`_wiener_window` for stereo on the bins and frames of one tile, in real arithmetic:
+    """:func:`_wiener_window` for stereo without autograd on the bins and frames of one tile:
     (B, S, C', f, n) targets and a (B, 2, f, n) complex mixture -> complex sources written into
-    `out`, (B, f, S + residual, 2, n).
-
-    Complex stereo vectors are held as 4 real components (re0, im0, re1, im1) on an axis before
-    the frames: sources (B, f, S, 4, n), mixture (B, f, 4, n), so that the sums over frames and
-    over sources are small batched matrix products.
+    `out`, (B, f, S + residual, 2, n). The EM steps are :func:`_stereo_em`'s (from the magnitudes'
+    statistics as in differentiable calls, or from initial estimates written in place), and the
+    last step's gain is applied on the way into `out`.
     """
     batch, _, bins, frames = mix.shape
-    count = targets.shape[1]
-    real = mix.real.dtype
-    mixture = torch.view_as_real(mix).permute(0, 2, 1, 4, 3).reshape(batch, bins, 4, frames)
-    weights = targets.to(real).permute(0, 3, 1, 2, 4)  # (B, f, S, C', n)
+    count = targets.shape[1] + residual
+    mixture = _stereo_components(mix)
+    weights = targets.to(mixture.dtype).permute(0, 3, 1, 2, 4)  # (B, f, S, C', n)
+    tile_scale = scale.reshape(batch, 1, 1, 1) if iterations > 0 and scale is not None else None
+    gain = None
+    if tile_scale is not None and not softmask and not residual:
+        mixture = mixture / tile_scale
+        sources, gain = _stereo_em(*_magnitude_statistics(weights / tile_scale.unsqueeze(-1), mixture), mixture,
+                                   iterations, eps)
+    else:
+        sources = _stereo_estimates(weights, mixture, softmask, residual, eps)
+        if tile_scale is not None:
+            sources, gain = _stereo_em(*_stereo_statistics(sources.div_(tile_scale.unsqueeze(-1))),
+                                       mixture / tile_scale, iterations, eps)
+    if gain is not None:
+        gain = gain.mul_(tile_scale).unsqueeze(3)  # (B, f, S, 1, n): v_j times the rescaling
+    # Into the complex output, real and imaginary parts each a strided pass along the frames.
+    parts = sources.view(batch, bins, count, 2, 2, frames)
+    halves = torch.view_as_real(out)
+    for part in range(2):
+        if gain is None:
+            halves[..., part].copy_(parts[..., part, :])
+        else:
+            torch.mul(parts[..., part, :], gain, out=halves[..., part])
+
+
+def _stereo_estimates(weights: torch.Tensor, mixture: torch.Tensor, softmask: bool, residual: bool,
+                      eps: float) -> torch.Tensor:
+    """Initial estimates of stereo sources (B, f, S + residual, 4, n) in components, written in
+    place (no autograd): targets `weights` (B, f, S, C', n) with the phase of `mixture`
+    (B, f, 4, n), or the mixture times their ratio masks; `residual`: and the mixture minus them."""
+    batch, bins, count, _, frames = weights.shape
     sources = mixture.new_empty(batch, bins, count + residual, 4, frames)
     head = sources[:, :, :count].view(batch, bins, count, 2, 2, frames)  # (B, f, S, C, re/im, n)
     if softmask:
@@ -286,59 +280,80 @@ def _stereo_tile(targets: torch.Tensor, mix: torch.Tensor, iterations: int, soft
         torch.mul(weights, torch.sin(phase), out=head[..., 1, :])
     if residual:
         torch.sub(mixture, sources[:, :, :count].sum(dim=2), out=sources[:, :, count])
-    if iterations > 0 and scale is not None:
-        tile_scale = scale.reshape(batch, 1, 1, 1, 1)
-        sources.div_(tile_scale)
-        mixture = mixture / tile_scale[..., 0]
-        maps = _stereo_maps(real, mix.device)
-        for _ in range(iterations - 1):
-            sources = _stereo_em_step(sources, mixture, eps, maps)
-        sources, gain = _stereo_em_step(sources, mixture, eps, maps, final=True)
-        gain = (gain * tile_scale[..., 0]).unsqueeze(3)  # (B, f, S, 1, n)
-    else:
-        gain = None
-    # Into the complex output, real and imaginary parts each a strided pass along the frames.
-    parts = sources.view(batch, bins, count + residual, 2, 2, frames)
-    halves = torch.view_as_real(out)
-    for part in range(2):
-        if gain is None:
-            halves[..., part].copy_(parts[..., part, :])
-        else:
-            torch.mul(parts[..., part, :], gain, out=halves[..., part])
+    return sources
 
 
-def _stereo_em_step(sources: torch.Tensor, mixture: torch.Tensor, eps: float,
-                    maps: tp.Tuple[torch.Tensor, torch.Tensor], final: bool = False) -> tp.Any:
-    """:func:`_em_step` for stereo in real components: sources (B, f, S, 4, n) and mixture
-    (B, f, 4, n), components (re0, im0, re1, im1); returns the new sources in the same layout,
-    or with `final` the filtered mixture R_j Cxx^-1 x and the PSD v_j (B, f, S, n) that
-    multiplies it, for the caller to apply on the way out."""
+def _stereo_em(psd: torch.Tensor, moments: torch.Tensor, mixture: torch.Tensor, iterations: int,
+               eps: float) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """`iterations` (>= 1) EM steps of :func:`_em_step` for stereo in real arithmetic, the one
+    implementation of the inference tiles and of differentiable calls, from the first step's
+    statistics (:func:`_stereo_statistics` or :func:`_magnitude_statistics`) and the mixture
+    (B, f, 4, n), components (re0, im0, re1, im1) on an axis before the frames, so that the sums
+    over frames and over sources are small batched matrix products.
+
+    Returns the last step's filtered mixture R_j Cxx^-1 x (B, f, S, 4, n) and the PSD v_j
+    (B, f, S, n) that multiplies it, for the caller to apply (with its rescaling) on the way out.
+    Autograd-safe: in-place operations only on intermediates that no backward formula keeps.
+    """
+    filtered, psd = _stereo_filter(psd, moments, mixture, eps)
+    for _ in range(iterations - 1):
+        filtered, psd = _stereo_filter(*_stereo_statistics(filtered.mul_(psd.unsqueeze(3))), mixture, eps)
+    return filtered, psd
+
+
+def _magnitude_statistics(magnitude: torch.Tensor, mixture: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_stereo_statistics` of sources with magnitudes `magnitude` (B, f, S, C', n) (C' = 1:
+    shared by the channels) and the phase of `mixture` (B, f, 4, n), without forming them: a
+    source's power per channel is y^2 and its cross term y_0 y_1 times the mixture's unit phasors
+    u_0 conj(u_1), which all sources share."""
+    phase = torch.atan2(mixture[:, :, 1::2], mixture[:, :, 0::2])  # (B, f, 2, n)
+    cos, sin = torch.cos(phase), torch.sin(phase)
+    phasors = torch.stack([cos[:, :, 0] * cos[:, :, 1] + sin[:, :, 0] * sin[:, :, 1],
+                           sin[:, :, 0] * cos[:, :, 1] - cos[:, :, 0] * sin[:, :, 1]], dim=-1)  # (B, f, n, 2)
+    left, right = magnitude[:, :, :, 0], magnitude[:, :, :, -1]  # (B, f, S, n)
+    power_left, power_right = left * left, right * right
+    psd = (power_left + power_right).mul_(0.5)
+    moments = torch.cat([power_left.sum(dim=-1, keepdim=True), power_right.sum(dim=-1, keepdim=True),
+                         (left * right) @ phasors], dim=-1)
+    return psd, moments
+
+
+def _stereo_statistics(sources: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """The statistics of the local Gaussian model of stereo sources (B, f, S, 4, n): the PSD
+    (mean over channels of the squared magnitudes, (B, f, S, n)) and the sums over frames of the
+    spatial covariance's entries (|s_0|^2, |s_1|^2, Re and Im of s_0 conj(s_1); (B, f, S, 4)),
+    the latter from the Gram matrix of the components over frames."""
     batch, bins, count, _, frames = sources.shape
-    to_matrix, to_entries = maps
-    # PSD: the mean over channels of the squared magnitudes, (B, f, S, n).
     re0, im0, re1, im1 = sources.unbind(dim=3)
     psd = torch.mul(re0, re0).addcmul_(im0, im0).add_(torch.mul(re1, re1).addcmul_(im1, im1)).mul_(0.5)
-    weight = (eps + psd.sum(dim=-1)).unsqueeze(-1)  # (B, f, S, 1)
-    # Spatial covariance R (Hermitian) from the Gram matrix of the components over frames.
     gram = (sources @ sources.transpose(-1, -2)).view(batch, bins, count, 16)
-    filters = (gram @ to_matrix).div_(weight)  # R as (B, f, S, 16): a 4x4 map on components
-    spatial = (gram @ to_entries).div_(weight)  # (B, f, S, 4): R00, R11, Re R01, Im R01
-    # Mixture covariance sum_j v_j R_j + sqrt(eps) I per bin and frame: a, d real, b = C01.
-    cov = spatial.transpose(-1, -2) @ psd  # (B, f, 4, n)
-    a, d = cov[:, :, 0] + math.sqrt(eps), cov[:, :, 1] + math.sqrt(eps)
-    b_re, b_im = cov[:, :, 2], cov[:, :, 3]
+    return psd, gram @ _stereo_maps(sources.dtype, sources.device)[0]
+
+
+def _stereo_filter(psd: torch.Tensor, moments: torch.Tensor, mixture: torch.Tensor,
+                   eps: float) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """One EM filter for stereo from :func:`_stereo_statistics`' PSD and moments: the spatial
+    covariances R_j (Hermitian 2 x 2: R00, R11 real), the mixture covariance
+    Cxx = sum_j v_j R_j + sqrt(eps) I and the filtered mixture R_j Cxx^-1 x, (B, f, S, 4, n),
+    returned with the PSD v_j that completes the Wiener filter v_j R_j Cxx^-1 (see :func:`_stereo_em`)."""
+    batch, bins, count, frames = psd.shape
+    spatial = moments / (eps + psd.sum(dim=-1, keepdim=True))  # (B, f, S, 4): R00, R11, Re R01, Im R01
+    whitened = _stereo_whiten(spatial.transpose(-1, -2) @ psd, mixture, eps)
+    # v_j R_j (Cxx^-1 x), all sources in one product: R_j as a 4 x 4 map on components.
+    filters = (spatial @ _stereo_maps(psd.dtype, psd.device)[1]).view(batch, bins, count * 4, 4)
+    return (filters @ whitened).view(batch, bins, count, 4, frames), psd
+
+
+def _stereo_whiten(covariance: torch.Tensor, mixture: torch.Tensor, eps: float) -> torch.Tensor:
+    """The mixture whitened by its covariance, Cxx^-1 x = [d x0 - b x1, a x1 - conj(b) x0] / det
+    for Cxx = [[a, b], [conj(b), d]] + sqrt(eps) I, given as its entries (a, d, Re b, Im b)
+    (B, f, 4, n) (Hermitian: a real determinant); mixture and result (B, f, 4, n) components."""
+    a, d = covariance[:, :, 0] + math.sqrt(eps), covariance[:, :, 1] + math.sqrt(eps)
+    b_re, b_im = covariance[:, :, 2], covariance[:, :, 3]
     inv_det = 1 / (a * d - (b_re * b_re + b_im * b_im))
     a, d, b_re, b_im = a * inv_det, d * inv_det, b_re * inv_det, b_im * inv_det
-    # Whitened mixture Cxx^-1 x = [d x0 - b x1, a x1 - conj(b) x0] / det.
     x0_re, x0_im, x1_re, x1_im = mixture.unbind(dim=2)
-    whitened = torch.empty_like(mixture)
-    w0_re, w0_im, w1_re, w1_im = whitened.unbind(dim=2)
-    torch.mul(d, x0_re, out=w0_re).addcmul_(b_re, x1_re, value=-1).addcmul_(b_im, x1_im)
-    torch.mul(d, x0_im, out=w0_im).addcmul_(b_re, x1_im, value=-1).addcmul_(b_im, x1_re, value=-1)
-    torch.mul(a, x1_re, out=w1_re).addcmul_(b_re, x0_re, value=-1).addcmul_(b_im, x0_im, value=-1)
-    torch.mul(a, x1_im, out=w1_im).addcmul_(b_re, x0_im, value=-1).addcmul_(b_im, x0_re)
-    # v_j R_j (Cxx^-1 x), all sources in one product.
-    filtered = (filters.view(batch, bins, count * 4, 4) @ whitened).view(batch, bins, count, 4, frames)
-    if final:
-        return filtered, psd
-    return filtered.mul_(psd.unsqueeze(3))
+    return torch.stack([(d * x0_re).addcmul_(b_re, x1_re, value=-1).addcmul_(b_im, x1_im),
+                        (d * x0_im).addcmul_(b_re, x1_im, value=-1).addcmul_(b_im, x1_re, value=-1),
+                        (a * x1_re).addcmul_(b_re, x0_re, value=-1).addcmul_(b_im, x0_im, value=-1),
+                        (a * x1_im).addcmul_(b_re, x0_im, value=-1).addcmul_(b_im, x0_re)], dim=2)
