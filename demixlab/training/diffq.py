@@ -75,6 +75,7 @@ class DiffQuantizer(nn.Module):
         self.group_size = int(config.group_size)
         self.min_bits, self.max_bits = float(config.min_bits), float(config.max_bits)
         self.names: tp.List[str] = []
+        self.sizes: tp.List[int] = []  # values of each quantised weight
         self.float_values = 0  # values of the parameters left in float32
         start = (config.init_bits - self.min_bits) / (self.max_bits - self.min_bits)
         start = min(max(start, 1e-3), 1 - 1e-3)
@@ -82,6 +83,7 @@ class DiffQuantizer(nn.Module):
         for name, param in model.named_parameters():
             if param.requires_grad and param.is_floating_point() and param.numel() * 4 / MEGABYTE >= config.min_size:
                 self.names.append(name)
+                self.sizes.append(param.numel())
                 groups = -(-param.numel() // self.group_size)
                 logits.append(nn.Parameter(torch.full((groups,), math.log(start / (1 - start)), device=param.device)))
             else:
@@ -101,10 +103,9 @@ class DiffQuantizer(nn.Module):
 
     def group_counts(self, index: int) -> torch.Tensor:
         """How many values each group of the `index`-th quantised weight holds (the last may hold fewer)."""
-        count = self._params()[self.names[index]].numel()
         groups = self.logits[index].numel()
         counts = torch.full((groups,), float(self.group_size), device=self.logits[index].device)
-        counts[-1] = count - (groups - 1) * self.group_size
+        counts[-1] = self.sizes[index] - (groups - 1) * self.group_size
         return counts
 
     def noisy_weights(self) -> tp.Dict[str, torch.Tensor]:
@@ -121,7 +122,9 @@ class DiffQuantizer(nn.Module):
     def model_size_mb(self) -> torch.Tensor:
         """The weights' size in MB at the learned bits, differentiable in the bits (float32 weights
         that are not quantised count 32 bits each)."""
-        total = sum((bits * self.group_counts(index)).sum() for index, bits in enumerate(self.bits()))
+        total = 0.0
+        for size, bits in zip(self.sizes, self.bits()):  # every group holds group_size values, the last the rest
+            total = total + bits.sum() * self.group_size - (bits.numel() * self.group_size - size) * bits[-1]
         return (total + 32.0 * self.float_values) / 8 / MEGABYTE
 
     def rounded_bits(self) -> tp.Dict[str, torch.Tensor]:
