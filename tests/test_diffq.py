@@ -141,7 +141,8 @@ def test_a_too_large_min_size_is_a_one_line_error():
 
 @pytest.mark.slow
 def test_a_diffq_xp_resumes_exactly_and_exports_a_smaller_quantised_file(tmp_path, run_in, monkeypatch):
-    checkpoint = _resume_matches_an_uninterrupted_run(tmp_path, run_in, monkeypatch, [*RUN, *DIFFQ, "quant.lr=0.05"])
+    checkpoint = _resume_matches_an_uninterrupted_run(tmp_path, run_in, monkeypatch,
+                                                      [*RUN, *DIFFQ, "quant.lr=0.05", "ema.decays=[0.5]"])
     straight = load_checkpoint(next((tmp_path / "straight" / "outputs" / "xps").iterdir()))
     for name, value in straight["quantizer"].items():  # the bit logits resumed exactly too
         assert torch.equal(checkpoint["quantizer"][name], value), name
@@ -213,3 +214,43 @@ def test_a_convolutional_family_trains_with_diffq_and_logs_its_sizes(tmp_path, i
     package = load_package(export(folder.name, tmp_path / "repo", dora_dir=tmp_path / "outputs"))
     assert package["quantized"] and package["family"] == "hdemucs"
     model_from_package(package)
+
+
+def _quantized_umx_file(path: Path) -> tp.Tuple[torch.nn.Module, Path]:
+    """A tiny UMX saved as a quantised model file (bits drawn at random), and the path."""
+    from demixlab.release.model_file import package_model, save_package
+    from demixlab.training.diffq import quantize_state
+    from tests.test_pretrained import TINY_UMX
+
+    torch.manual_seed(0)
+    model = get_family("umx").build_model(SOURCES, RATE, 2, TINY_UMX)
+    quantizer = _quantizer(model, min_size=0.001)
+    bits = {name: torch.randint(3, 12, bits.shape) for name, bits in quantizer.rounded_bits().items()}
+    kept, quantized = quantize_state(model.state_dict(), bits, quantizer.group_size)
+    package = package_model("umx", TINY_UMX, kept, sources=SOURCES, samplerate=RATE, audio_channels=2)
+    package.update(format=QUANTIZED_FORMAT, quantized=quantized)
+    save_package(package, path)
+    return model, path
+
+
+def test_a_quantised_file_loads_dequantised_and_compresses_to_a_float_variant(tmp_path):
+    from demixlab.release.compression import write_variant
+    from demixlab.release.model_file import FORMAT
+
+    model, path = _quantized_umx_file(tmp_path / "q.th")
+    loaded = model_from_package(load_package(path))
+    package = load_package(path)
+    for name, value in model.state_dict().items():
+        entry = package["quantized"].get(name)
+        if entry is None:
+            assert torch.equal(loaded.state_dict()[name], value), name
+        else:
+            step = ((entry["max"] - entry["min"]) / (2.0 ** entry["bits"].float() - 1)).repeat_interleave(8)
+            assert ((loaded.state_dict()[name] - value).flatten().abs() <= step[:value.numel()] / 2 + 1e-6).all()
+    half = load_package(write_variant(path, half=True))  # a float16 copy of the dequantised weights
+    assert half["format"] == FORMAT and "quantized" not in half
+    assert set(half["state"]) == set(model.state_dict())
+    torch.testing.assert_close(model_from_package(half).state_dict(), loaded.state_dict(), atol=2e-3, rtol=1e-3)
+    newer = dict(package, format="demixlab-model/3")
+    with pytest.raises(DemixError, match="newer than this demixlab"):
+        model_from_package(newer)
