@@ -96,10 +96,12 @@ def test_every_family_trains_through_the_noisy_weights(family_name):
     quantizer = _quantizer(model, min_size=0.005)
     sources = 0.1 * torch.randn(1, len(SOURCES), 2, model.valid_length(RATE // 2))
     losses = family.objective(model, {})(NoisyModel(model, quantizer).train(), sources.sum(1), sources)
-    (losses["loss"] + quantizer.model_size_mb()).backward()
-    assert all(logit.grad is not None and bool(torch.isfinite(logit.grad).all()) for logit in quantizer.logits)
+    losses["loss"].backward()  # the objective alone: a weight the model read around the noise gives its bits no gradient
     trained = dict(model.named_parameters())
-    assert all(trained[name].grad is not None for name in quantizer.names)
+    for name, logit in zip(quantizer.names, quantizer.logits):
+        assert trained[name].grad is not None and logit.grad is not None and bool(torch.isfinite(logit.grad).all())
+        if trained[name].max() > trained[name].min():  # constant tensors (e.g. fresh norms) have no noise
+            assert logit.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("values, message", [
