@@ -256,3 +256,17 @@ def test_a_quantised_file_loads_dequantised_and_compresses_to_a_float_variant(tm
     newer = dict(package, format="demixlab-model/3")
     with pytest.raises(DemixError, match="newer than this demixlab"):
         model_from_package(newer)
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_diffq_in_lockstep(tmp_path, cache_dir):
+    """DDP (gloo, 2 CPU processes): each rank draws its own noise; the bit logits' gradients are
+    averaged with the weights', so the weights and the logits stay identical on both."""
+    from tests.cli import dora, signature
+
+    result = dora(tmp_path, cache_dir, "-d", "--ddp_workers", "2", *TINY, *DIFFQ)
+    assert "All workers completed successfully" in result.stdout + result.stderr
+    folder = tmp_path / "outputs" / "xps" / signature(tmp_path, cache_dir, *TINY, *DIFFQ)
+    log = (folder / "train.log").read_text()
+    assert "epoch 2: weights identical on the 2 processes" in log
+    assert load_checkpoint(folder)["best_bits"]

@@ -255,7 +255,7 @@ class Solver:
         entry["best"] = bool(improved)
         self.schedule.end_epoch(metric)
         if distrib.world_size() > 1:
-            if not distrib.replicas_identical(self.model):
+            if not distrib.replicas_identical(self.ddp_model):  # the model, and DiffQ's bit logits with it
                 raise RuntimeError(f"epoch {epoch + 1}: the {distrib.world_size()} processes hold different weights")
             logger.info("epoch %d: weights identical on the %d processes", epoch + 1, distrib.world_size())
         test_every = self.config.test.every
