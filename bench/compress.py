@@ -103,13 +103,14 @@ DIFFQ_BITS_LR = 0.05  # the bits move in the toy schedule's 144 steps (optim.lr,
 DIFFQ_UMX = ["model=umx", "model.hidden_size=64", "model.nb_layers=2", "test.sdr=false", "misc.progress=false"]
 
 
-def train_toy_umx(workdir: Path, penalty: tp.Optional[float]) -> tp.Tuple[Path, Path]:
+def train_toy_umx(workdir: Path, penalty: tp.Optional[float], seed: int) -> tp.Tuple[Path, Path]:
     """Train a small UMX on the toy dataset (with DiffQ when `penalty` is not None) in `workdir`;
     return (its exported model file, a float32 export of the same best weights)."""
     from demixlab.files import load_torch, save_torch
     from demixlab.train import main as dora_main
 
-    args = DIFFQ_UMX + ([f"quant.diffq={penalty}", f"quant.lr={DIFFQ_BITS_LR}"] if penalty is not None else [])
+    args = DIFFQ_UMX + [f"seed={seed}"] + (
+        [f"quant.diffq={penalty}", f"quant.lr={DIFFQ_BITS_LR}"] if penalty is not None else [])
     workdir.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-m", "dora", "-P", "demixlab", "run", *args], cwd=workdir, env=env, check=True,
@@ -125,23 +126,27 @@ def train_toy_umx(workdir: Path, penalty: tp.Optional[float]) -> tp.Tuple[Path, 
     return workdir / "repo" / f"{signature}.th", workdir / "float32" / f"{signature}.th"
 
 
-def diffq_table(penalties: tp.Sequence[float], mixtures: tp.Sequence[torch.Tensor],
+def diffq_table(penalties: tp.Sequence[float], seeds: tp.Sequence[int], mixtures: tp.Sequence[torch.Tensor],
                 references: tp.Sequence[torch.Tensor]) -> None:
-    """Train, export and compare a plain and DiffQ small UMXs, one per penalty (see the module docstring)."""
+    """Train, export and compare a plain and DiffQ small UMXs, one per penalty and seed (see the
+    module docstring); dSDR is against the plain model of the first seed."""
     with tempfile.TemporaryDirectory(prefix="compress-diffq-") as folder:
-        rows = {"plain float32": train_toy_umx(Path(folder) / "plain", None)[0]}
-        for penalty in penalties:
-            quantized, noisy_float = train_toy_umx(Path(folder) / f"diffq{penalty:g}", penalty)
-            rows.update({f"diffq {penalty:g} float": noisy_float, f"diffq {penalty:g} levels": quantized})
+        rows = {}
+        for seed in seeds:
+            tag = f" s{seed}" if len(seeds) > 1 else ""
+            rows[f"plain{tag} float32"] = train_toy_umx(Path(folder) / f"plain{seed}", None, seed)[0]
+            for penalty in penalties:
+                quantized, noisy_float = train_toy_umx(Path(folder) / f"diffq{penalty:g}-{seed}", penalty, seed)
+                rows.update({f"diffq {penalty:g}{tag} float": noisy_float, f"diffq {penalty:g}{tag} levels": quantized})
         print(f"\nsmall UMX trained on the toy dataset ({' '.join(DIFFQ_UMX[:3])}), with and without DiffQ:")
         print(f"{'model':>22} {'.th kB':>8} {'mean bits':>9} {'torch s':>8} {'SDR':>7} {'dSDR':>7} {'fidelity dB':>11}")
         outputs: tp.Dict[str, tp.List[tp.Dict[str, torch.Tensor]]] = {}
-        base_sdr = 0.0
+        base_sdr: tp.Optional[float] = None
         for row, path in rows.items():
             seconds, outputs[row] = separate_all(path.parent, path.stem, "torch", mixtures)
             sdr = sum(global_sdr(stems[source], reference[index]) for stems, reference in zip(outputs[row], references)
                       for index, source in enumerate(SOURCES)) / (len(SOURCES) * len(references))
-            base_sdr = sdr if row == "plain float32" else base_sdr
+            base_sdr = sdr if base_sdr is None else base_sdr
             diffq = (load_package(path)["origin"] or {}).get("diffq")
             bits = f"{diffq['mean_bits']:9.2f}" if diffq else f"{'32':>9}"
             fidelity = f"{mean_fidelity(outputs[row], outputs[row.replace('levels', 'float')]):.1f}" \
@@ -162,6 +167,7 @@ def main() -> None:
     parser.add_argument("--diffq", type=float, nargs="+", default=None, metavar="PENALTY",
                         help="also train a small UMX on the toy dataset without and with quant.diffq=PENALTY and "
                              "compare them (see the docstring); with `--families` and no name, only that")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="--diffq: the XPs' seeds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)  # the quantiser's INFO lines
     references = []  # (4, 2, T) per track, in TOY_SOURCES order
@@ -173,7 +179,7 @@ def main() -> None:
     print(f"toy test set: {args.tracks} x {args.seconds:g} s stereo 44.1 kHz; {torch.get_num_threads()} threads; "
           + ("trained models" if args.models else "random weights (see the docstring)"))
     if args.diffq is not None:
-        diffq_table(args.diffq, mixtures, references)
+        diffq_table(args.diffq, args.seeds, mixtures, references)
         if not args.families and not args.models:
             return
         print()
