@@ -29,7 +29,8 @@ rate `quant.lr=0.05`), exports them (`demixlab export SIG`: the DiffQ ones as in
 prints a second table on the same test set: the plain model, each DiffQ model's float weights
 (trained with the noise, not rounded) and its quantised file, with the file size, the SDR change
 against the plain model and the fidelity against the DiffQ model's float weights (what rounding
-to the learned bits alone changes). `--families` with no name skips the first table.
+to the learned bits alone changes); `--seeds S [...]` repeats every XP per seed. `--families` with
+no name skips the first table.
 """
 import argparse
 import contextlib
