@@ -22,6 +22,15 @@ moved; float rounding gives ~100+ dB). With random weights the SDRs themselves a
 the changes measure what compression does to the output, not to a trained model's quality. With
 `--models`, the float32 model's own SDR is printed above its rows and dSDR is the quality change;
 `--seconds 60` or more makes the test songs long.
+
+`--diffq PENALTY [...]` trains small UMX XPs on the toy dataset (`dora run`, the toy schedule, in a
+temporary folder), one plain and one with DiffQ per penalty (`quant.diffq=PENALTY`, bits learning
+rate `quant.lr=0.05`), exports them (`demixlab export SIG`: the DiffQ ones as integer levels) and
+prints a second table on the same test set: the plain model, each DiffQ model's float weights
+(trained with the noise, not rounded) and its quantised file, with the file size, the SDR change
+against the plain model and the fidelity against the DiffQ model's float weights (what rounding
+to the learned bits alone changes); `--seeds S [...]` repeats every XP per seed. `--families` with
+no name skips the first table.
 """
 import argparse
 import contextlib
@@ -29,6 +38,7 @@ import io
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,14 +93,82 @@ def separate_all(repo: Path, name: str, backend: str, tracks: tp.Sequence[torch.
     return time.time() - begin, stems
 
 
+def mean_fidelity(outputs: tp.Sequence[tp.Dict[str, torch.Tensor]], baseline: tp.Sequence[tp.Dict[str, torch.Tensor]]
+                  ) -> float:
+    """The mean over tracks and sources of the SDR of `outputs` against `baseline`'s stems."""
+    return sum(global_sdr(stems[source], base[source]) for stems, base in zip(outputs, baseline)
+               for source in SOURCES) / (len(SOURCES) * len(outputs))
+
+
+DIFFQ_BITS_LR = 0.05  # the bits move in the toy schedule's 144 steps (optim.lr, 1e-3, barely moves them)
+DIFFQ_UMX = ["model=umx", "model.hidden_size=64", "model.nb_layers=2", "test.sdr=false", "misc.progress=false"]
+
+
+def train_toy_umx(workdir: Path, penalty: tp.Optional[float], seed: int) -> tp.Tuple[Path, Path]:
+    """Train a small UMX on the toy dataset (with DiffQ when `penalty` is not None) in `workdir`;
+    return (its exported model file, a float32 export of the same best weights)."""
+    from demixlab.files import load_torch, save_torch
+    from demixlab.train import main as dora_main
+
+    args = DIFFQ_UMX + [f"seed={seed}"] + (
+        [f"quant.diffq={penalty}", f"quant.lr={DIFFQ_BITS_LR}"] if penalty is not None else [])
+    workdir.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-m", "dora", "-P", "demixlab", "run", *args], cwd=workdir, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    dora_main.dora.dir = workdir / "outputs"
+    signature = dora_main.get_xp(args).sig
+    outputs = str(workdir / "outputs")
+    quiet("export", signature, "-o", str(workdir / "repo"), "--dora-dir", outputs)
+    checkpoint = workdir / "outputs" / "xps" / signature / "checkpoint.th"
+    state = load_torch(checkpoint)
+    save_torch({key: value for key, value in state.items() if key not in ("bits", "best_bits")}, checkpoint)
+    quiet("export", signature, "-o", str(workdir / "float32"), "--dora-dir", outputs)
+    return workdir / "repo" / f"{signature}.th", workdir / "float32" / f"{signature}.th"
+
+
+def diffq_table(penalties: tp.Sequence[float], seeds: tp.Sequence[int], mixtures: tp.Sequence[torch.Tensor],
+                references: tp.Sequence[torch.Tensor]) -> None:
+    """Train, export and compare a plain and DiffQ small UMXs, one per penalty and seed (see the
+    module docstring); dSDR is against the plain model of the first seed."""
+    with tempfile.TemporaryDirectory(prefix="compress-diffq-") as folder:
+        rows = {}
+        for seed in seeds:
+            tag = f" s{seed}" if len(seeds) > 1 else ""
+            rows[f"plain{tag} float32"] = train_toy_umx(Path(folder) / f"plain{seed}", None, seed)[0]
+            for penalty in penalties:
+                quantized, noisy_float = train_toy_umx(Path(folder) / f"diffq{penalty:g}-{seed}", penalty, seed)
+                rows.update({f"diffq {penalty:g}{tag} float": noisy_float, f"diffq {penalty:g}{tag} levels": quantized})
+        print(f"\nsmall UMX trained on the toy dataset ({' '.join(DIFFQ_UMX[:3])}), with and without DiffQ:")
+        print(f"{'model':>22} {'.th kB':>8} {'mean bits':>9} {'torch s':>8} {'SDR':>7} {'dSDR':>7} {'fidelity dB':>11}")
+        outputs: tp.Dict[str, tp.List[tp.Dict[str, torch.Tensor]]] = {}
+        base_sdr: tp.Optional[float] = None
+        for row, path in rows.items():
+            seconds, outputs[row] = separate_all(path.parent, path.stem, "torch", mixtures)
+            sdr = sum(global_sdr(stems[source], reference[index]) for stems, reference in zip(outputs[row], references)
+                      for index, source in enumerate(SOURCES)) / (len(SOURCES) * len(references))
+            base_sdr = sdr if base_sdr is None else base_sdr
+            diffq = (load_package(path)["origin"] or {}).get("diffq")
+            bits = f"{diffq['mean_bits']:9.2f}" if diffq else f"{'32':>9}"
+            fidelity = f"{mean_fidelity(outputs[row], outputs[row.replace('levels', 'float')]):.1f}" \
+                if row.endswith("levels") else "-"
+            print(f"{row:>22} {path.stat().st_size / 1e3:8.0f} {bits} {seconds:8.2f} {sdr:7.3f} {sdr - base_sdr:+7.3f} "
+                  f"{fidelity:>11}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=family_names(), choices=family_names())
+    parser.add_argument("--families", nargs="*", default=family_names(), choices=family_names(),
+                        help="families of the random-weight table (none: skip it)")
     parser.add_argument("--tracks", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--prune", type=float, default=0.3)
     parser.add_argument("--models", nargs="+", type=Path, default=[],
                         help="trained model files (44.1 kHz, drums/bass/other/vocals) instead of random weights")
+    parser.add_argument("--diffq", type=float, nargs="+", default=None, metavar="PENALTY",
+                        help="also train a small UMX on the toy dataset without and with quant.diffq=PENALTY and "
+                             "compare them (see the docstring); with `--families` and no name, only that")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="--diffq: the XPs' seeds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)  # the quantiser's INFO lines
     references = []  # (4, 2, T) per track, in TOY_SOURCES order
@@ -101,6 +179,11 @@ def main() -> None:
     prune_name = f"prune{round(100 * args.prune)}"
     print(f"toy test set: {args.tracks} x {args.seconds:g} s stereo 44.1 kHz; {torch.get_num_threads()} threads; "
           + ("trained models" if args.models else "random weights (see the docstring)"))
+    if args.diffq is not None:
+        diffq_table(args.diffq, args.seeds, mixtures, references)
+        if not args.families and not args.models:
+            return
+        print()
     header = (f"{'family':>12} {'variant':>9} {'params':>8} {'.th kB':>8} {'.onnx kB':>9} {'torch s':>8} "
               f"{'ORT s':>7} {'dSDR torch':>10} {'dSDR ORT':>9} {'fidelity dB':>11}")
     print(header)

@@ -180,7 +180,7 @@ NEUTRAL_DEFAULTS: tp.Dict[str, tp.Any] = {
 }
 NEUTRAL_SECTIONS = ("augment.pitch_tempo", "augment.codec", "augment.eq", "augment.reverb", "augment.distortion")
 # Later sections switched on by a key, left out while that key holds its off value.
-NEUTRAL_SWITCHES: tp.Dict[str, tp.Tuple[str, tp.Any]] = {"finetune.lora": ("enabled", False)}
+NEUTRAL_SWITCHES: tp.Dict[str, tp.Tuple[str, tp.Any]] = {"finetune.lora": ("enabled", False), "quant": ("diffq", None)}
 
 
 def flatten(node: tp.Any) -> tp.Dict[str, tp.Any]:

@@ -84,7 +84,7 @@ def test_bad_model_files_are_user_errors(tmp_path):
     with pytest.raises(DemixError, match="training checkpoint: export it"):
         load_package(tmp_path / "checkpoint.th")
     package = package_model("umx", TINY_UMX, model.state_dict(), sources=SOURCES, samplerate=44100, audio_channels=2)
-    torch.save({**package, "format": "demixlab-model/2"}, tmp_path / "newer.th")
+    torch.save({**package, "format": "demixlab-model/3"}, tmp_path / "newer.th")
     with pytest.raises(DemixError, match="newer than this demixlab"):
         load_package(tmp_path / "newer.th")
     wrong = {**package, "kwargs": {**TINY_UMX, "hidden_size": 16}}

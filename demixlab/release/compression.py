@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DemixError
-from .model_file import load_package, model_from_package, save_package
+from .model_file import FORMAT, load_package, model_from_package, package_state, save_package
 
 ONNX_WEIGHTS = ("float32", "float16", "int8")
 INT8_OPERATORS = ["MatMul", "Gemm", "LSTM"]
@@ -60,7 +60,9 @@ def write_variant(path: tp.Union[str, Path], out: tp.Optional[tp.Union[str, Path
     weights live in its ONNX export). Returns the new file's path."""
     path = Path(path)
     package = dict(load_package(path))
-    state = {key: value.float() if value.dtype == torch.float16 else value for key, value in package["state"].items()}
+    state = package_state(package, str(path))  # quantized (DiffQ) weights are decoded: the variant stores floats
+    package.pop("quantized", None)
+    package["format"] = FORMAT
     if prune:
         state = prune_state(state, prune)
     package["state"] = {key: value.half() if half and value.is_floating_point() else value

@@ -5,9 +5,11 @@ A model file holds plain containers and tensors only, so it loads with
 family's registry name and constructor options (`kwargs`); no class, config object or function is
 pickled. Fields:
 
-- format: "demixlab-model/1"
+- format: "demixlab-model/1"; "demixlab-model/2" when it has a `quantized` field
 - family: registry string (see :mod:`demixlab.models`); kwargs: the family's constructor options
 - state: the weights (float16 when packaged with `half=True`; loaded back as float32)
+- quantized (format 2 only): weights stored as integer levels (DiffQ exports; see
+  :mod:`.quantized`), {key: encoded weight}, decoded to float32 weights when the model is built
 - sources, samplerate, audio_channels
 - segment: seconds the model should be run on when splitting a long signal, or None (any length)
 - config: the resolved training config as plain containers, or None
@@ -25,9 +27,11 @@ from .. import __version__
 from ..errors import DemixError
 from ..files import load_torch, save_torch
 from ..models import SeparationModel, get_family
+from .quantized import decode_weight
 
 FORMAT = "demixlab-model/1"
-_FORMAT_NAME, _FORMAT_VERSION = FORMAT.split("/")
+QUANTIZED_FORMAT = "demixlab-model/2"  # a model file with a `quantized` field
+_FORMAT_NAME, _FORMAT_VERSION = QUANTIZED_FORMAT.split("/")  # the newest version this demixlab reads
 REQUIRED_FIELDS = ("format", "family", "kwargs", "state", "sources", "samplerate", "audio_channels")
 
 
@@ -98,12 +102,14 @@ def check_package(package: tp.Any, where: str = "model package") -> None:
         raise DemixError(f"{where}: unknown model file format {package['format']!r} (expected {FORMAT})")
     if int(version) > int(_FORMAT_VERSION):
         raise DemixError(f"{where}: model file format {package['format']} is newer than this demixlab "
-                         f"({__version__}, reads {FORMAT}); upgrade demixlab")
+                         f"({__version__}, reads up to {QUANTIZED_FORMAT}); upgrade demixlab")
     missing = [field for field in REQUIRED_FIELDS if field not in package]
     if missing:
         raise DemixError(f"{where}: model file lacks the field(s) {', '.join(missing)}")
     if not isinstance(package["state"], dict) or not isinstance(package["kwargs"], dict):
         raise DemixError(f"{where}: model file 'state' and 'kwargs' must be dicts")
+    if not isinstance(package.get("quantized", {}), dict):
+        raise DemixError(f"{where}: model file 'quantized' must be a dict of encoded weights")
     if not isinstance(package["sources"], list) or not package["sources"]:
         raise DemixError(f"{where}: model file 'sources' must be a non-empty list")
 
@@ -127,8 +133,7 @@ def model_from_package(package: tp.Mapping[str, tp.Any],
     options.update(overrides or {})
     model = family.build_model(package["sources"], int(package["samplerate"]), int(package["audio_channels"]),
                                options)
-    state = {key: value.float() if value.dtype == torch.float16 else value
-             for key, value in package["state"].items()}
+    state = package_state(package, where)
     try:
         model.load_state_dict(state, assign=share_weights)
     except RuntimeError as error:
@@ -137,6 +142,16 @@ def model_from_package(package: tp.Mapping[str, tp.Any],
         raise DemixError(f"{where}: weights do not fit the {family.name!r} model built from the file's "
                          f"options ({detail[:300]})") from None
     return model.eval()
+
+
+def package_state(package: tp.Mapping[str, tp.Any], where: str = "model package") -> tp.Dict[str, torch.Tensor]:
+    """A model file's weights as the model loads them: float16 weights as float32, and the
+    `quantized` weights decoded (dequantized) to float32."""
+    state = {key: value.float() if value.dtype == torch.float16 else value
+             for key, value in package["state"].items()}
+    for key, entry in (package.get("quantized") or {}).items():
+        state[key] = decode_weight(entry, f"{where}: quantized[{key!r}]")
+    return state
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import DemixError
 from ..experiment import config_changes, flat_config
 from ..files import load_torch, save_torch
-from ..release.model_file import load_package
+from ..release.model_file import load_package, package_state
 from ..release.repository import MODEL_SUFFIX
 from . import distrib
 from .finetune import merge_adapters
@@ -36,12 +36,15 @@ class Record:
     Attributes:
         history: one entry per finished epoch (`train`, `valid`, optionally `test`, `best`).
         best_state: the weights (raw or EMA) that scored best on `best.metric`, on the CPU.
+        best_bits: with `quant.diffq`, the integer bit depths of each quantised weight's groups
+            when the best state was recorded (what export stores them with).
         parent: the signature of the XP this one was initialised from (`continue_from`).
         done: training finished and the final test ran.
     """
 
     history: tp.List[tp.Dict[str, tp.Any]] = field(default_factory=list)
     best_state: tp.Optional[tp.Dict[str, torch.Tensor]] = None
+    best_bits: tp.Optional[tp.Dict[str, torch.Tensor]] = None
     parent: tp.Optional[str] = None
     done: bool = False
 
@@ -73,11 +76,14 @@ class Checkpointer:
         identity: what the XP trains.
         config: the composed configuration (stored resolved, compared on resume).
         model, optimizer, schedule, grad_scaler, emas: the training state restored in place.
+        quantizer: with `quant.diffq`, the :class:`~demixlab.training.diffq.DiffQuantizer`: its bit
+            logits are saved and restored, its rounded bits (`bits`, `best_bits`) and `group_size`
+            saved for export.
     """
 
     def __init__(self, folder: Path, identity: XPIdentity, config: DictConfig, *, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, schedule: LearningRateSchedule, grad_scaler: torch.amp.GradScaler,
-                 emas: tp.Sequence[ModelEMA]):
+                 emas: tp.Sequence[ModelEMA], quantizer: tp.Optional[torch.nn.Module] = None):
         self.folder = folder
         self.path = folder / CHECKPOINT_NAME
         self.identity = identity
@@ -87,6 +93,7 @@ class Checkpointer:
         self.schedule = schedule
         self.grad_scaler = grad_scaler
         self.emas = list(emas)
+        self.quantizer = quantizer
 
     def save(self, record: Record) -> None:
         """Write the checkpoint atomically (rank 0 only)."""
@@ -108,6 +115,9 @@ class Checkpointer:
             "grad_scaler": self.grad_scaler.state_dict(),
             "emas": {ema.name: ema.state_dict() for ema in self.emas},
             "best_state": record.best_state,
+            **({"quantizer": self.quantizer.state_dict(), "bits": self.quantizer.rounded_bits(),
+                "best_bits": record.best_bits, "group_size": self.quantizer.group_size}
+               if self.quantizer is not None else {}),
             "history": record.history,
             "parent": record.parent,
             "done": record.done,
@@ -131,8 +141,10 @@ class Checkpointer:
         for ema in self.emas:
             if ema.name in state["emas"]:
                 ema.load_state_dict(state["emas"][ema.name])
+        if self.quantizer is not None:
+            self.quantizer.load_state_dict(state["quantizer"])
         record = Record(history=list(state["history"]), best_state=state["best_state"], parent=state["parent"],
-                        done=bool(state["done"]))
+                        done=bool(state["done"]), best_bits=state.get("best_bits"))
         logger.info("resuming from %s after epoch %d", self.path, len(record.history))
         return record
 
@@ -145,8 +157,7 @@ class Checkpointer:
             path = Path(parent).expanduser()
             package = load_package(path if path.is_absolute() else base_dir / path)
             self._check_compatible(package, f"continue_from={parent}")
-            return {key: value.float() if value.dtype == torch.float16 else value
-                    for key, value in package["state"].items()}
+            return package_state(package, f"continue_from={parent}")
         signature = parent
         parent_folder = self.folder.parent / signature
         path = parent_folder / CHECKPOINT_NAME

@@ -26,6 +26,7 @@ from ..models import get_family
 from ..models.registry import schema_error
 from ..release.repository import MODEL_SUFFIX
 from .augment import AugmentConfig
+from .diffq import QuantConfig
 from .finetune import FinetuneConfig
 from .optim import EmaConfig, OptimConfig, SchedulerConfig
 
@@ -154,6 +155,7 @@ class TrainingConfig:
     dset: DatasetConfig = MISSING  # a `dset=` group always sets it
     continue_from: tp.Any = None  # a signature (Hydra may parse it as a number) or a model file (.th)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     misc: MiscConfig = field(default_factory=MiscConfig)
     dora: tp.Dict[str, tp.Any] = field(default_factory=dict)  # Dora's own settings
     slurm: tp.Dict[str, tp.Any] = field(default_factory=dict)  # Dora's Slurm settings
@@ -167,6 +169,9 @@ class TrainingConfig:
             self.continue_from = parse_signature(self.continue_from, "continue_from")
         if "family" not in self.model:
             raise DemixError("model.family is not set: choose a model with model=NAME")
+        if self.quant.diffq is not None and self.finetune.lora.enabled:
+            raise DemixError("quant.diffq cannot train LoRA adapters (finetune.lora.enabled): quantise the merged "
+                             "model in a second fine-tuning XP")
         family = get_family(str(self.model["family"]))
         family.check_model_options(self.model_options)
         family.check_loss_options(self.loss)

@@ -6,6 +6,11 @@ EMA weights; the current weights when no best was recorded yet) become `OUT/SIG.
 stores float16 weights. LoRA adapters (`finetune.lora`) are merged into the weights they adapt,
 so the file holds exactly the family's keys. An XP whose training is not finished is exported with a warning. The
 model file's `segment` is the model's :attr:`~demixlab.models.SeparationModel.chunk_seconds`.
+
+An XP trained with `quant.diffq` is exported quantised: every weight DiffQ trained is rounded to the
+integer bits its groups had with the best state and stored as integer levels in the file's
+`quantized` field (format `demixlab-model/2`, see :mod:`demixlab.release.quantized`); loading
+decodes them to float32 weights. Its `origin.diffq` records the mean bits and the sizes.
 """
 import hashlib
 import io
@@ -19,8 +24,10 @@ from ..errors import DemixError
 from ..experiment import default_dora_dir, parse_signature
 from ..files import atomic_path
 from ..release.compression import prune_state
-from ..release.model_file import load_package, model_from_package, package_model
+from ..release.model_file import QUANTIZED_FORMAT, load_package, model_from_package, package_model
+from ..release.quantized import encoded_bytes
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint
+from .diffq import quantize_state
 from .finetune import merge_adapters
 
 logger = logging.getLogger(__name__)
@@ -54,13 +61,31 @@ def export(signature: tp.Any, out: Path, sign: bool = False, half: bool = False,
         state = prune_state(state, prune)
     history = checkpoint.get("history") or []
     metrics = history[-1] if history else None
+    bits = checkpoint.get("best_bits") if checkpoint.get("best_state") else checkpoint.get("bits")
+    quantized: tp.Dict[str, tp.Any] = {}
+    origin: tp.Dict[str, tp.Any] = {"kind": "xp", "folder": str(folder.resolve()),
+                                    **({"prune": prune} if prune else {})}
+    if bits:  # quant.diffq
+        float_bytes = sum(state[name].numel() * 4 for name in bits)
+        state, quantized = quantize_state(state, bits, int(checkpoint["group_size"]))
+        stored = sum(encoded_bytes(entry) for entry in quantized.values())
+        values = sum(entry["levels"].numel() + entry["wide_levels"].numel() for entry in quantized.values())
+        mean_bits = sum(float((entry["bits"].float() * entry["group_size"]).sum()) for entry in quantized.values())
+        origin["diffq"] = {"group_size": int(checkpoint["group_size"]), "weights": len(quantized),
+                           "mean_bits": round(mean_bits / max(values, 1), 3), "float32_bytes": float_bytes,
+                           "stored_bytes": stored}
+        logger.info("DiffQ: %d weight tensors (%d values) stored at %.2f bits on average: %.1f kB instead of "
+                    "%.1f kB as float32", len(quantized), values, origin["diffq"]["mean_bits"], stored / 1024,
+                    float_bytes / 1024)
     package = package_model(
         checkpoint["family"], checkpoint["model_options"], state, sources=checkpoint["sources"],
         samplerate=checkpoint["samplerate"], audio_channels=checkpoint["audio_channels"],
-        config=checkpoint.get("config"), signature=signature, metrics=metrics,
-        origin={"kind": "xp", "folder": str(folder.resolve()), **({"prune": prune} if prune else {})}, half=half)
+        config=checkpoint.get("config"), signature=signature, metrics=metrics, origin=origin, half=half)
+    if quantized:
+        package.update(format=QUANTIZED_FORMAT, quantized=quantized)
     model = model_from_package(package)  # checks that the weights fit the model they describe
-    package["state"] = {key: package["state"][key] for key in model.state_dict()}  # the family's key order
+    package["state"] = {key: package["state"][key] for key in model.state_dict()
+                        if key in package["state"]}  # the family's key order
     package["segment"] = model.chunk_seconds
     del model
 

@@ -4,7 +4,8 @@ The solver never names a family: it builds the model, objective and calibration 
 registry entry that `model.family` selects, and only relies on the model contract
 (:class:`~demixlab.models.SeparationModel`: a (B, C, T) mixture in, (B, S, C, T) stems out).
 It runs the loop; the checkpoint (:mod:`.checkpoint`), validation and test (:mod:`.validation`)
-and what the XP shows (:mod:`.reporting`) live beside it.
+and what the XP shows (:mod:`.reporting`) live beside it. With `quant.diffq`, the objective sees
+the model through DiffQ's noisy weights and the size penalty joins the loss (:mod:`.diffq`).
 
 Resume is exact. A checkpoint is written atomically after every epoch (model, optimizer,
 schedule, EMAs, best state, history). All randomness of an epoch (segment sampling, shuffling,
@@ -30,6 +31,7 @@ from . import distrib
 from .augment import build_augmentation, build_example_effects
 from .checkpoint import Checkpointer, Record, XPIdentity
 from .config import TrainingConfig, is_model_file, parse_config
+from .diffq import DiffQuantizer, NoisyModel
 from .finetune import adapted_state, apply_finetune, is_adapted, trainable_summary
 from .optim import LearningRateSchedule, ModelEMA, build_optimizer
 from .reporting import Reporter
@@ -115,10 +117,19 @@ class Solver:
         self.model.to(device)
         self.objective = self.family.objective(self.model, config.loss)
         self.optimizer = build_optimizer(self.model, config.optim)
+        # quant.diffq: learned bit depths, noisy weights in training and a size penalty in the loss
+        self.quantizer: tp.Optional[DiffQuantizer] = None
+        train_model: torch.nn.Module = self.model
+        if config.quant.diffq is not None:
+            self.quantizer = DiffQuantizer(self.model, config.quant).to(device)
+            lr = config.quant.lr if config.quant.lr is not None else config.optim.lr
+            self.optimizer.add_param_group({"name": "diffq_bits", "params": list(self.quantizer.parameters()),
+                                            "lr": float(lr), "initial_lr": float(lr), "weight_decay": 0.0})
+            train_model = NoisyModel(self.model, self.quantizer)
         self.schedule = LearningRateSchedule(self.optimizer, config.scheduler, config.epochs, config.best.mode)
         self.emas = [ModelEMA(self.model, decay) for decay in config.ema.decays]
         self.record = Record()
-        self.ddp_model = distrib.wrap(self.model)
+        self.ddp_model = distrib.wrap(train_model)
         self.amp_dtype = getattr(torch, config.amp.dtype)
         self.use_amp = config.amp.enabled and device.type in AMP_DEVICES
         self.grad_scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -130,7 +141,8 @@ class Solver:
         identity = XPIdentity(family=self.family.name, model_options=config.model_options, sources=self.sources,
                               samplerate=self.data.samplerate, audio_channels=self.data.channels)
         self.checkpointer = Checkpointer(folder, identity, cfg, model=self.model, optimizer=self.optimizer,
-                                         schedule=self.schedule, grad_scaler=self.grad_scaler, emas=self.emas)
+                                         schedule=self.schedule, grad_scaler=self.grad_scaler, emas=self.emas,
+                                         quantizer=self.quantizer)
         self.validator = Validator(self.model, self.objective, self.data, config, device, self._autocast,
                                    report_info={"signature": folder.name, "dataset": raw["dset"]}, folder=folder)
         self.reporter = Reporter(folder, self.sources, config.epochs, title=f"XP {folder.name} ({self.family.name})")
@@ -238,10 +250,12 @@ class Solver:
         if improved:
             self.record.best_state = {key: value.detach().cpu().clone() for key, value in self._state_of(
                 entry["valid"].get("state", "main")).items()}
+            if self.quantizer is not None:
+                self.record.best_bits = self.quantizer.rounded_bits()
         entry["best"] = bool(improved)
         self.schedule.end_epoch(metric)
         if distrib.world_size() > 1:
-            if not distrib.replicas_identical(self.model):
+            if not distrib.replicas_identical(self.ddp_model):  # the model, and DiffQ's bit logits with it
                 raise RuntimeError(f"epoch {epoch + 1}: the {distrib.world_size()} processes hold different weights")
             logger.info("epoch %d: weights identical on the %d processes", epoch + 1, distrib.world_size())
         test_every = self.config.test.every
@@ -299,6 +313,10 @@ class Solver:
             with self._autocast():
                 losses = self.objective(self.ddp_model, mixture, sources)
             loss = losses["loss"]
+            if self.quantizer is not None:  # trained on loss + penalty; `loss` stays the objective's, as in validation
+                penalty = self.config.quant.diffq * self.quantizer.model_size_mb()
+                losses = {**losses, "diffq_penalty": penalty}
+                loss = loss + penalty
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             self.optimizer.zero_grad(set_to_none=True)
             self.grad_scaler.scale(loss).backward()
@@ -325,6 +343,8 @@ class Solver:
         means = (torch.stack([totals[name] for name in names]) / count).tolist()
         metrics = distrib.average_metrics(dict(zip(names, means)), count)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.quantizer is not None:  # the sizes at the end of the epoch
+            metrics.update(self.quantizer.metrics())
         metrics["duration"] = time.time() - begin
         if self.device.type == "cuda":  # this process' peak of allocated tensors in the epoch
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
