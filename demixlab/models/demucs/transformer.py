@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import DemixError
+from .inference import attention
 
 __all__ = [
     "CrossTransformerEncoder",
@@ -198,7 +199,7 @@ class _SelfAttentionLayer(_Layer):
         super().__init__("self_attn", 2, options)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, x, x, need_weights=False)[0])
+        return self.dropout1(attention(self.self_attn, x, x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Transform x (B, T, C)."""
@@ -226,7 +227,7 @@ class _CrossAttentionLayer(_Layer):
         super().__init__("cross_attn", 3, options)
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        return self.dropout1(self.cross_attn(query, key, key, need_weights=False)[0])
+        return self.dropout1(attention(self.cross_attn, query, key))
 
     def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Transform x (B, T, C) attending to `other` (B, S, C)."""
