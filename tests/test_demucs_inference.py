@@ -71,3 +71,16 @@ def test_htdemucs_inference_matches_its_declared_layers():
         fast = model(mixture)
     declared = model(mixture).detach()  # with autograd: the declared layers
     assert (fast - declared).abs().max() <= 1e-5 * declared.abs().max()
+
+
+def test_frequency_rows_in_tiles_match_all_rows_at_once():
+    from demixlab.models.demucs.blocks import DConv
+
+    torch.manual_seed(0)
+    dconv = DConv(8, compress=2, init=0.5).eval()
+    y = torch.randn(2, 8, 13, 20)
+    with torch.no_grad():
+        expected = dconv(y.permute(0, 2, 1, 3).reshape(26, 8, 20)).view(2, 13, 8, 20).permute(0, 2, 1, 3)
+        out = inference.per_row_in_tiles(dconv, y, tile_bytes=5 * 2 * 8 * 20 * 4)  # 5 rows a tile: 5, 5, 3
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inference import convolve, run_sequential
+from .inference import convolve, fast_inference, per_row_in_tiles, run_sequential
 
 _CONV_TYPES = (nn.Conv1d, nn.ConvTranspose1d, nn.Conv2d, nn.ConvTranspose2d)
 
@@ -206,6 +206,8 @@ class DConv(nn.Module):
 
 def _per_frequency(dconv: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """Apply a (B, C, T) module to every frequency row of (B, C, F, T) activations."""
+    if fast_inference(y):
+        return per_row_in_tiles(dconv, y)
     batch, channels, bins, frames = y.shape
     y = y.permute(0, 2, 1, 3).reshape(batch * bins, channels, frames)
     return dconv(y).view(batch, bins, channels, frames).permute(0, 2, 1, 3)

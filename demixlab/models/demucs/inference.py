@@ -176,6 +176,21 @@ def run_sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def per_row_in_tiles(module: nn.Module, y: torch.Tensor, tile_bytes: int = 1 << 20) -> torch.Tensor:
+    """`module` (a map of (N, C, T) that treats each of its N rows alone, like DConv) applied to
+    every frequency row of (B, C, F, T) activations, a few rows at a time: each tile's
+    intermediate activations (about `tile_bytes` for the widest, twice the input's channels) stay
+    in a core's cache instead of going through memory at every elementwise operation."""
+    batch, channels, bins, frames = y.shape
+    rows = max(1, tile_bytes // (2 * channels * frames * y.element_size()))
+    out = torch.empty_like(y)
+    for first in range(0, bins, rows):
+        last = min(bins, first + rows)
+        tile = y[:, :, first:last].transpose(1, 2).reshape(batch * (last - first), channels, frames)
+        out[:, :, first:last] = module(tile).view(batch, last - first, channels, frames).transpose(1, 2)
+    return out
+
+
 def attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """`mha(query, key, key, need_weights=False)[0]` of a batch-first attention without extra
     key/value biases, through `scaled_dot_product_attention` when :func:`fast_inference` allows
