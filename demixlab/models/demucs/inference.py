@@ -180,9 +180,13 @@ def per_row_in_tiles(module: nn.Module, y: torch.Tensor, tile_bytes: int = 1 << 
     """`module` (a map of (N, C, T) that treats each of its N rows alone, like DConv) applied to
     every frequency row of (B, C, F, T) activations, a few rows at a time: each tile's
     intermediate activations (about `tile_bytes` for the widest, twice the input's channels) stay
-    in a core's cache instead of going through memory at every elementwise operation."""
+    in a core's cache instead of going through memory at every elementwise operation. With
+    several intra-op threads all rows go at once: every small operation would be a barrier of
+    the OpenMP team, which costs more than the cache saves on a loaded machine."""
     batch, channels, bins, frames = y.shape
     rows = max(1, tile_bytes // (2 * channels * frames * y.element_size()))
+    if torch.get_num_threads() > 1:
+        rows = bins
     out = torch.empty_like(y)
     for first in range(0, bins, rows):
         last = min(bins, first + rows)
