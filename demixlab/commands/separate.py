@@ -65,7 +65,7 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
                              "on the CPU one per torch thread for models that gain from it, e.g. HTDemucs; else 1)")
     parser.add_argument("--batch-chunks", type=int, default=DEFAULT_BATCH_CHUNKS, metavar="N",
                         help="chunks stacked into one forward pass: the same stems in fewer, larger passes "
-                             "(faster for HTDemucs with several threads), more memory "
+                             "(on the CPU the default chunks side by side are faster for HTDemucs), more memory "
                              f"(default: {DEFAULT_BATCH_CHUNKS})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model option stored in the model file, e.g. wiener_iterations=0 for "

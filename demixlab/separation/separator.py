@@ -47,8 +47,9 @@ class Separator:
         jobs: batches of chunks separated in parallel threads that share torch's intra-op threads;
             None (the default): on the CPU, one batch per intra-op thread for models that gain from it
             (HTDemucs, HDemucs...: see README), one at a time otherwise. The stems are the same.
-        batch_chunks: chunks stacked into one forward pass (the same stems in fewer, larger passes:
-            faster for HTDemucs on 2 threads, see README; memory grows with it).
+        batch_chunks: chunks stacked into one forward pass (the same stems in fewer, larger passes;
+            memory grows with it; on the CPU the default chunks side by side are faster for
+            HTDemucs, see README).
         progress: show progress bars (stderr).
     """
 
