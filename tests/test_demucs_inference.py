@@ -84,3 +84,19 @@ def test_frequency_rows_in_tiles_match_all_rows_at_once():
         out = inference.per_row_in_tiles(dconv, y, tile_bytes=5 * 2 * 8 * 20 * 4)  # 5 rows a tile: 5, 5, 3
     assert out.shape == expected.shape
     assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_token_group_norm_matches_group_norm_of_the_transposed_tokens(affine):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(1, 16, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-1, 1)
+    x = 3 + 2 * torch.randn(2, 40, 16)
+    with torch.no_grad():
+        expected = norm(x.transpose(1, 2)).transpose(1, 2)
+        out = inference.token_group_norm(norm, x)
+    assert out.is_contiguous()
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()

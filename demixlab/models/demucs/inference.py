@@ -195,6 +195,15 @@ def per_row_in_tiles(module: nn.Module, y: torch.Tensor, tile_bytes: int = 1 << 
     return out
 
 
+def token_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """A GroupNorm of one group over (B, T, C) tokens (statistics over all of T and C, a scale and
+    shift per channel C) as a layer norm over (T, C) and one multiply-add, in the tokens' own
+    layout: transposing to (B, C, T) and back leaves the next residual additions and linear
+    layers a strided operand."""
+    out = F.layer_norm(x, x.shape[1:], eps=norm.eps)
+    return torch.addcmul(norm.bias, out, norm.weight) if norm.affine else out
+
+
 def attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """`mha(query, key, key, need_weights=False)[0]` of a batch-first attention without extra
     key/value biases, through `scaled_dot_product_attention` when :func:`fast_inference` allows

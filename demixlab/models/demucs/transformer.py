@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import DemixError
-from .inference import attention
+from .inference import attention, fast_inference, token_group_norm
 
 __all__ = [
     "CrossTransformerEncoder",
@@ -122,6 +122,8 @@ class _GroupNormBTC(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise x (B, T, C)."""
+        if self.num_groups == 1 and fast_inference(x):
+            return token_group_norm(self, x)
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
