@@ -1,6 +1,7 @@
 """Separation time and peak memory: demixlab against the reference implementations, side by side.
 
     python bench/separate_vs_reference.py [--seconds 60] [--models htdemucs,umx] [--repeats 3] [--threads 1]
+                                          [--impls demixlab,demixlab-sequential]
 
 The same random weights separate the same stereo track (`--seconds` long, 44.1 kHz):
 
@@ -8,7 +9,8 @@ The same random weights separate the same stereo track (`--seconds` long, 44.1 k
   decoder, 5 transformer layers, segment 7.8 s; about 42 M parameters) saved by demucs
   (`serialize_model` + `torch.save`), imported with `demixlab import demucs`. Reference:
   `demucs.apply.apply_model(split=True, overlap=0.25, shifts=0)`; demixlab: `demixlab.separation.Separator`
-  (chunks of the model's segment, overlap 0.25).
+  (chunks of the model's segment, overlap 0.25; by default with 2+ threads the chunks run side by
+  side, one intra-op thread each; `--jobs 1` one at a time on all threads).
 - umx: four full-size Open-Unmix targets (umxhq architecture) saved as Open-Unmix's training
   script does, imported with `demixlab import openunmix`. Reference: openunmix `Separator`
   (niter=1, whole track); demixlab: the same whole track (`split=False`) and its default
@@ -133,6 +135,8 @@ def work(folder: Path, model: str, impl: str) -> tp.Dict[str, tp.Any]:
         options: tp.Dict[str, tp.Any] = {}
         if impl == "demixlab-batch":
             options = BATCHED[model]
+        if impl == "demixlab-sequential":
+            options = dict(jobs=1)
         ours = Separator(folder / "repo", model, device="cpu", split=impl != "demixlab-nosplit", **options)
 
         def run() -> torch.Tensor:
@@ -184,6 +188,9 @@ def main() -> None:
     parser.add_argument("--models", default="htdemucs,umx")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the median time is printed")
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the workers (default: torch's)")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated implementations to run besides the reference (default: all): "
+                             "demixlab, demixlab-sequential, demixlab-batch, demixlab-nosplit")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,11 +210,15 @@ def main() -> None:
               f"{'peak RSS [MB]':>14} {'max rel. diff':>14} {'(before tail)':>14}")
         plans = {"htdemucs": [("reference", "demucs apply_model split, ov 0.25"),
                               ("demixlab", "demixlab Separator split, ov 0.25"),
+                              ("demixlab-sequential", "demixlab --jobs 1 (one chunk at a time)"),
                               ("demixlab-batch", "demixlab --batch-chunks 16")],
                  "umx": [("reference", "openunmix Separator niter=1"),
                          ("demixlab-nosplit", "demixlab Separator --no-split"),
                          ("demixlab", "demixlab Separator (30 s chunks)"),
                          ("demixlab-batch", "demixlab --segment 7.5 --batch-chunks 4")]}
+        if args.impls:
+            chosen = {"reference", *(name.strip() for name in args.impls.split(","))}
+            plans = {model: [(impl, label) for impl, label in plan if impl in chosen] for model, plan in plans.items()}
         for model in models:
             rows: tp.Dict[str, tp.List[tp.Dict[str, tp.Any]]] = {impl: [] for impl, _ in plans[model]}
             for _ in range(args.repeats):  # interleaved: every implementation sees the same load

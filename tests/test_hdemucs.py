@@ -167,6 +167,42 @@ def test_htdemucs_eval_input_longer_than_the_segment_is_an_error():
         model(_mixture(int(0.4 * RATE) + 1))
 
 
+@pytest.mark.parametrize("batch_chunks", [1, 2])
+def test_htdemucs_chunks_side_by_side_give_the_stems_of_one_chunk_at_a_time(batch_chunks):
+    from demixlab.separation import apply_model
+    from demixlab.separation.chunking import chunk_jobs
+
+    torch.manual_seed(0)
+    model = _randomise(HTDemucs(SOURCES, **SMALL_HT, t_layers=2), seed=8).eval()
+    mixture = _mixture(int(1.5 * RATE), seed=3)
+    segment = int(0.4 * RATE)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert chunk_jobs(model, None) == 2  # the default on the CPU with 2 threads: side by side
+        sequential = apply_model(model, mixture, segment=segment, batch_chunks=batch_chunks)
+        side_by_side = apply_model(model, mixture, segment=segment, batch_chunks=batch_chunks, jobs=None)
+    finally:
+        torch.set_num_threads(previous)
+    assert side_by_side.shape == sequential.shape == (1, 4, 2, mixture.shape[-1])
+    scale = sequential.abs().max()
+    assert scale > 0.01
+    assert (side_by_side - sequential).abs().max() / scale <= 1e-6
+
+
+def test_models_that_thread_themselves_run_chunks_in_order():
+    from demixlab.separation.chunking import chunk_jobs
+
+    umx = get_family("umx").build_model(SOURCES, RATE, 2, dict(n_fft=256, hop_length=64, hidden_size=16))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert chunk_jobs(umx, None) == 1 and chunk_jobs(umx, 3) == 3
+        assert chunk_jobs(HTDemucs(SOURCES, **SMALL_HT), None) == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _family_model(overrides: tp.List[str]) -> tp.Tuple[nn.Module, tp.Any]:
     cfg = main.get_xp(overrides).cfg
     options = {key: value for key, value in OmegaConf.to_container(cfg.model, resolve=True).items()

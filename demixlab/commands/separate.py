@@ -4,8 +4,8 @@ Tracks are separated one after the other, each read and written block by block
 (:meth:`~demixlab.separation.Separator.separate_stream`, :class:`~demixlab.separation.output.StemFiles`):
 memory does not grow with a track's length, and a track's stems appear only once all are
 complete. `--batch-chunks N` stacks N chunks into one forward pass and `--jobs N` runs batches in
-parallel threads (memory grows with the chunks in flight, not with the track). An output folder
-that cannot be written is an error before any separation. A track that cannot be read, separated
+parallel threads (by default on the CPU, one per torch thread for models that gain from it; memory
+grows with the chunks in flight, not with the track). An output folder that cannot be written is an error before any separation. A track that cannot be read, separated
 or written is reported in one line and skipped (none of its stems is left behind); the others are
 still written, and the exit code is then non-zero.
 """
@@ -60,11 +60,12 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
     parser.add_argument("--clip-mode", choices=CLIP_MODES, default="rescale",
                         help="avoid clipping: rescale a stem whose peak exceeds 1, clamp it, or none "
                              "(default: rescale)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="batches of chunks separated in parallel threads (default: 1)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="batches of chunks separated in parallel threads sharing torch's threads (default: "
+                             "on the CPU one per torch thread for models that gain from it, e.g. HTDemucs; else 1)")
     parser.add_argument("--batch-chunks", type=int, default=DEFAULT_BATCH_CHUNKS, metavar="N",
                         help="chunks stacked into one forward pass: the same stems in fewer, larger passes "
-                             "(faster for HTDemucs with several threads), more memory "
+                             "(on the CPU the default chunks side by side are faster for HTDemucs), more memory "
                              f"(default: {DEFAULT_BATCH_CHUNKS})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model option stored in the model file, e.g. wiener_iterations=0 for "
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
         raise DemixError("--float32 is for WAV output only")
     if args.two_stems and args.stems:
         raise DemixError("--two-stems and --stems cannot be combined")
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise DemixError(f"--jobs must be at least 1, got {args.jobs}")
     if args.shifts < 0:
         raise DemixError(f"--shifts must be >= 0, got {args.shifts}")

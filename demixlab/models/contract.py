@@ -64,6 +64,8 @@ class SeparationModel(nn.Module):
     - :meth:`valid_length`: the input length to run for `length` samples; the chunked separation
       pads each chunk (centred, with real neighbouring samples) to it and crops the estimate.
     - :attr:`chunk_seconds`: seconds per chunk when separating long signals (stored in model files).
+    - :attr:`parallel_chunks`: whether the chunked separation on the CPU runs chunks side by side in
+      threads of one intra-op thread each (default) rather than one after the other on all threads.
     - :meth:`parameter_groups`: named parameter groups with their own learning rate or weight
       decay (`optim.groups.NAME.*` overrides them).
     - :attr:`lookahead` and :meth:`streamer`: a model whose output at a sample depends on the input
@@ -97,6 +99,14 @@ class SeparationModel(nn.Module):
     def chunk_seconds(self) -> tp.Optional[float]:
         """Seconds per chunk when separating a long signal, or None to let the caller choose."""
         return None
+
+    @property
+    def parallel_chunks(self) -> bool:
+        """Whether the chunked separation on the CPU may run this model's chunks side by side, in
+        threads that share torch's intra-op threads (one each), by default. True (the default) for a
+        model whose forward pass is a chain of tensor operations; a model that spreads its forward
+        pass over threads itself says False (its chunks then run one after the other)."""
+        return True
 
     @property
     def lookahead(self) -> tp.Optional[int]:

@@ -26,14 +26,15 @@ def chunk_frames(bag: Bag, member: BagMember, segment: tp.Optional[float], split
 
 
 def apply_bag(bag: Bag, mixture: torch.Tensor, *, segment: tp.Optional[float] = None, split: bool = True,
-              overlap: float = 0.25, shifts: int = 0, jobs: int = 1, progress: bool = False,
+              overlap: float = 0.25, shifts: int = 0, jobs: tp.Optional[int] = 1, progress: bool = False,
               generator: tp.Optional[torch.Generator] = None, batch_chunks: int = 1) -> torch.Tensor:
     """Separate a (B, C, T) mixture at the bag's rate and channels into (B, S, C, T).
 
     Each model runs in chunks of `segment` seconds (default: the bag's `segment`, else the
     model file's, else :data:`DEFAULT_SEGMENT`); `split=False` runs whole signals at once.
     Models are built on first use, on the device of those already built (the CPU if none is).
-    `batch_chunks` chunks run stacked in one forward pass (see :func:`~.chunking.apply_model`).
+    `batch_chunks` chunks run stacked in one forward pass, `jobs` batches side by side (None: as
+    each model allows, see :func:`~.chunking.chunk_jobs`).
     """
     bag.build(_tensor_device(bag.members))
 

@@ -3,18 +3,20 @@
 Long signals are cut into overlapping chunks; the estimates are blended with triangular
 weights (overlap-add), so only one batch of chunk activations is alive at a time (`batch_chunks`
 chunks stacked on the batch axis run in one forward pass; `jobs` such batches may run in parallel
-threads). The output stays on `out_device` (the CPU by default) while chunks run on the model's
-device. The model runs under :func:`torch.inference_mode`.
+threads that share torch's intra-op threads, see :func:`chunk_jobs`). The estimates are blended in
+the chunks' order whatever the threads, so the stems do not depend on `jobs` (beyond the float
+rounding of kernels run on fewer threads). The output stays on `out_device` (the CPU by default)
+while chunks run on the model's device. The model runs under :func:`torch.inference_mode`.
 """
 import collections
 import typing as tp
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import tqdm
 
 from ..errors import DemixError
 from ..models import SeparationModel
+from ..threads import shared_thread_pool
 
 DEFAULT_BATCH_CHUNKS = 1
 """Chunks per forward pass unless told otherwise (see :func:`choose_batch_chunks`)."""
@@ -24,6 +26,25 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def check_jobs(jobs: tp.Optional[int]) -> None:
+    """A one-line error unless `jobs` is None (automatic) or a positive number of batches."""
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise DemixError(f"jobs must be at least 1, got {jobs!r}")
+
+
+def chunk_jobs(model: SeparationModel, jobs: tp.Optional[int]) -> int:
+    """Batches of chunks to run side by side: `jobs` itself when given; when None, torch's intra-op
+    thread count for a model on the CPU that allows it (:attr:`SeparationModel.parallel_chunks`:
+    one intra-op thread per batch, which keeps the cores busier than one OpenMP team waiting at
+    every small operation), else 1."""
+    if jobs is not None:
+        check_jobs(jobs)
+        return jobs
+    if _model_device(model).type != "cpu" or not model.parallel_chunks:
+        return 1
+    return max(1, torch.get_num_threads())
 
 
 def check_batch_chunks(batch_chunks: int) -> None:
@@ -36,7 +57,7 @@ def check_batch_chunks(batch_chunks: int) -> None:
 def apply_model(model: SeparationModel, mixture: torch.Tensor, *, segment: tp.Optional[int] = None,
              overlap: float = 0.25, shifts: int = 0, max_shift: tp.Optional[int] = None,
              generator: tp.Optional[torch.Generator] = None, out_device: tp.Union[str, torch.device] = "cpu",
-             progress: bool = False, jobs: int = 1, batch_chunks: int = 1) -> torch.Tensor:
+             progress: bool = False, jobs: tp.Optional[int] = 1, batch_chunks: int = 1) -> torch.Tensor:
     """Separate a (B, C, T) mixture into (B, S, C, T) estimates.
 
     Args:
@@ -48,8 +69,8 @@ def apply_model(model: SeparationModel, mixture: torch.Tensor, *, segment: tp.Op
             (up to `max_shift` samples, default half a second at the model's rate).
         generator: source of the random shifts, for reproducible evaluation.
         out_device: where the (potentially long) output is accumulated.
-        jobs: batches of chunks separated in parallel threads (at most `jobs` batches of
-            activations alive).
+        jobs: batches of chunks separated in parallel threads that share torch's intra-op threads
+            (at most `jobs` batches of activations alive); None: :func:`chunk_jobs` chooses.
         batch_chunks: chunks stacked into one forward pass (on the batch axis). For a model whose
             examples do not interact the result is the same as one chunk at a time (bit for bit
             when its kernels do not depend on the batch size); memory grows with it.
@@ -58,8 +79,7 @@ def apply_model(model: SeparationModel, mixture: torch.Tensor, *, segment: tp.Op
         raise DemixError(f"expected a mixture of shape (batch, channels, time), got {tuple(mixture.shape)}")
     if not 0 <= overlap < 1:
         raise DemixError(f"overlap must be in [0, 1), got {overlap}")
-    if jobs < 1:
-        raise DemixError(f"jobs must be at least 1, got {jobs}")
+    jobs = chunk_jobs(model, jobs)
     check_batch_chunks(batch_chunks)
     if shifts:
         if max_shift is None:
@@ -132,6 +152,7 @@ def _overlap_add(model: SeparationModel, mixture: torch.Tensor, segment: tp.Opti
     total_weight = torch.zeros(length, device=out_device)
     offsets = range(0, length, stride)  # like demucs' apply_model: the last chunks may be shorter
     groups = [offsets[first:first + batch_chunks] for first in range(0, len(offsets), batch_chunks)]
+    jobs = min(jobs, len(groups))  # fewer threads, each with more intra-op threads
 
     def run_group(group: tp.Sequence[int]) -> tp.List[torch.Tensor]:
         chunks = []
@@ -145,7 +166,7 @@ def _overlap_add(model: SeparationModel, mixture: torch.Tensor, segment: tp.Opti
             for group in groups:
                 yield from zip(group, run_group(group))
             return
-        with ThreadPoolExecutor(jobs) as pool:
+        with shared_thread_pool(jobs) as pool:
             pending: tp.Deque = collections.deque()
             for group in groups:  # keep at most `jobs` batches in flight: memory stays bounded
                 pending.append((group, pool.submit(run_group, group)))

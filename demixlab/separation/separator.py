@@ -23,7 +23,7 @@ from ..audio import BlockResampler, convert_audio, convert_channels, load_audio_
 from ..errors import DemixError
 from ..release.repository import Bag, Repository
 from .bags import apply_bag
-from .chunking import DEFAULT_BATCH_CHUNKS, check_batch_chunks
+from .chunking import DEFAULT_BATCH_CHUNKS, check_batch_chunks, check_jobs
 from .onnx_backend import BACKENDS, OnnxRuntimeModel
 from .realtime import StreamingSeparator
 from .streaming import stream_bag, take_samples
@@ -44,15 +44,18 @@ class Separator:
         backend: `torch`, or `onnxruntime` to run each model's network from its ONNX export
             (`NAME.onnx` next to `NAME.th`, see :mod:`demixlab.release.onnx_export`); the rest of
             the model (STFT, Wiener EM...) and the chunking stay the same.
-        jobs: batches of chunks separated in parallel threads.
-        batch_chunks: chunks stacked into one forward pass (the same stems in fewer, larger passes:
-            faster for HTDemucs on 2 threads, see README; memory grows with it).
+        jobs: batches of chunks separated in parallel threads that share torch's intra-op threads;
+            None (the default): on the CPU, one batch per intra-op thread for models that gain from it
+            (HTDemucs, HDemucs...: see README), one at a time otherwise. The stems are the same.
+        batch_chunks: chunks stacked into one forward pass (the same stems in fewer, larger passes;
+            memory grows with it; on the CPU the default chunks side by side are faster for
+            HTDemucs, see README).
         progress: show progress bars (stderr).
     """
 
     def __init__(self, repo: tp.Union[str, Path], name: str, *, device: str = "cpu",
                  segment: tp.Optional[float] = None, split: bool = True, overlap: float = 0.25, shifts: int = 0,
-                 overrides: tp.Optional[tp.Mapping[str, tp.Any]] = None, jobs: int = 1, progress: bool = False,
+                 overrides: tp.Optional[tp.Mapping[str, tp.Any]] = None, jobs: tp.Optional[int] = None, progress: bool = False,
                  seed: int = 0, backend: str = "torch", batch_chunks: int = DEFAULT_BATCH_CHUNKS):
         if backend not in BACKENDS:
             raise DemixError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -61,6 +64,7 @@ class Separator:
         if shifts < 0:
             raise DemixError(f"shifts must be >= 0, got {shifts}")
         check_batch_chunks(batch_chunks)
+        check_jobs(jobs)
         self.device = resolve_device(device)
         self.bag: Bag = Repository(repo).load(name, overrides=overrides).build(self.device)
         if backend == "onnxruntime":

@@ -10,15 +10,16 @@ learnt when the blocks run out, so a pipe of unknown length works too.
 import collections
 import itertools
 import typing as tp
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
 from ..errors import DemixError
 from ..models import SeparationModel
 from ..release.repository import Bag
+from ..threads import shared_thread_pool
 from .bags import blend_estimates, chunk_frames
-from .chunking import _model_device, check_batch_chunks, run_batch
+from .chunking import _model_device, check_batch_chunks, check_jobs, chunk_jobs, run_batch
 
 
 class InputWindow:
@@ -127,7 +128,7 @@ class _Pass:
         output: tp.Optional[torch.Tensor] = None  # v samples from `base` on, not yet final
         total_weight = torch.zeros(0)
         base = 0
-        pool = ThreadPoolExecutor(self.jobs) if self.jobs > 1 else None
+        pool = shared_thread_pool(self.jobs) if self.jobs > 1 else None
         # batches of chunks in flight: (their offsets, the future or list of their estimates)
         pending: tp.Deque[tp.Tuple[tp.List[int], tp.Union[Future, tp.List[torch.Tensor]]]] = collections.deque()
         ready: tp.Deque[tp.Tuple[int, torch.Tensor]] = collections.deque()  # estimates not yet blended
@@ -221,7 +222,7 @@ def stream_model(model: SeparationModel, blocks: tp.Iterable[torch.Tensor], *, s
 
 
 def stream_bag(bag: Bag, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optional[float] = None,
-               split: bool = True, overlap: float = 0.25, shifts: int = 0, jobs: int = 1,
+               split: bool = True, overlap: float = 0.25, shifts: int = 0, jobs: tp.Optional[int] = 1,
                generator: tp.Optional[torch.Generator] = None, batch_chunks: int = 1) -> tp.Iterator[torch.Tensor]:
     """Separate a mixture given as (B, C, n) blocks at the bag's rate and channels; yield (B, S, C, m)
     blocks of the stems, in order, `T` samples in all (see the module docstring).
@@ -231,8 +232,7 @@ def stream_bag(bag: Bag, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optio
     """
     if not 0 <= overlap < 1:
         raise DemixError(f"overlap must be in [0, 1), got {overlap}")
-    if jobs < 1:
-        raise DemixError(f"jobs must be at least 1, got {jobs}")
+    check_jobs(jobs)
     check_batch_chunks(batch_chunks)
     bag.build(_bag_device(bag))
     window = InputWindow(blocks)
@@ -242,15 +242,16 @@ def stream_bag(bag: Bag, blocks: tp.Iterable[torch.Tensor], *, segment: tp.Optio
             continue
         assert member.model is not None
         frames = chunk_frames(bag, member, segment, split)
+        member_jobs = chunk_jobs(member.model, jobs)
         if shifts:
             max_shift = member.model.samplerate // 2
             passes = []
             for _ in range(shifts):  # drawn in apply_model's order
                 offset = int(torch.randint(max_shift + 1, (1,), generator=generator))
-                passes.append(_Pass(member.model, window, frames, overlap, jobs, delta=offset - max_shift,
+                passes.append(_Pass(member.model, window, frames, overlap, member_jobs, delta=offset - max_shift,
                                     extra=max_shift, crop=max_shift - offset, batch_chunks=batch_chunks))
         else:
-            passes = [_Pass(member.model, window, frames, overlap, jobs, batch_chunks=batch_chunks)]
+            passes = [_Pass(member.model, window, frames, overlap, member_jobs, batch_chunks=batch_chunks)]
         groups.append((member, passes))
     everything = [one for _, passes in groups for one in passes]
     runs = {id(one): one.run() for one in everything}

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import convolve, fast_inference, per_row_in_tiles, run_sequential
+
 _CONV_TYPES = (nn.Conv1d, nn.ConvTranspose1d, nn.Conv2d, nn.ConvTranspose2d)
 
 
@@ -198,12 +200,14 @@ class DConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C, T)."""
         for layer in self.layers:
-            x = x + layer(x)
+            x = x + run_sequential(layer, x)
         return x
 
 
 def _per_frequency(dconv: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """Apply a (B, C, T) module to every frequency row of (B, C, F, T) activations."""
+    if fast_inference(y):
+        return per_row_in_tiles(dconv, y)
     batch, channels, bins, frames = y.shape
     y = y.permute(0, 2, 1, 3).reshape(batch * bins, channels, frames)
     return dconv(y).view(batch, bins, channels, frames).permute(0, 2, 1, 3)
@@ -284,7 +288,7 @@ class EncoderLayer(nn.Module):
             remainder = x.shape[-1] % self.stride
             if remainder:
                 x = F.pad(x, (0, self.stride - remainder))
-        y = self.conv(x)
+        y = convolve(self.conv, x)
         if self.empty:
             return y
         if inject is not None:
@@ -297,7 +301,7 @@ class EncoderLayer(nn.Module):
         if self.dconv is not None:
             y = _per_frequency(self.dconv, y) if self.freq else self.dconv(y)
         if self.rewrite is not None:
-            y = F.glu(self.norm2(self.rewrite(y)), dim=1)
+            y = F.glu(self.norm2(convolve(self.rewrite, y)), dim=1)
         return y
 
 
@@ -354,10 +358,10 @@ class DecoderLayer(nn.Module):
         else:
             y = x + skip
             if self.rewrite is not None:
-                y = F.glu(self.norm1(self.rewrite(y)), dim=1)
+                y = F.glu(self.norm1(convolve(self.rewrite, y)), dim=1)
             if self.dconv is not None:
                 y = _per_frequency(self.dconv, y) if self.freq else self.dconv(y)
-        z = self.norm2(self.conv_tr(y))
+        z = self.norm2(convolve(self.conv_tr, y))
         if self.freq:
             if self.pad:
                 z = z[..., self.pad:-self.pad, :]

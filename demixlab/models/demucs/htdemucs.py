@@ -21,6 +21,7 @@ from torch import nn
 from ...errors import DemixError
 from ..contract import require
 from .blocks import rescale_module
+from .inference import convolve
 from .hdemucs import HybridUNet, Segment, _check_layers, plan_layers
 from .transformer import CrossTransformerEncoder
 
@@ -146,12 +147,12 @@ class HTDemucs(HybridUNet):
         assert xt is not None
         batch, _, bins, frames = x.shape
         if self.bottom_channels:
-            x = self.channel_upsampler(x.reshape(batch, -1, bins * frames)).view(batch, -1, bins, frames)
-            xt = self.channel_upsampler_t(xt)
+            x = convolve(self.channel_upsampler, x.reshape(batch, -1, bins * frames)).view(batch, -1, bins, frames)
+            xt = convolve(self.channel_upsampler_t, xt)
         x, xt = self.crosstransformer(x, xt)
         if self.bottom_channels:
-            x = self.channel_downsampler(x.reshape(batch, -1, bins * frames)).view(batch, -1, bins, frames)
-            xt = self.channel_downsampler_t(xt)
+            x = convolve(self.channel_downsampler, x.reshape(batch, -1, bins * frames)).view(batch, -1, bins, frames)
+            xt = convolve(self.channel_downsampler_t, xt)
         return x, xt
 
     def network_inputs(self, mixture: torch.Tensor) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Any]:

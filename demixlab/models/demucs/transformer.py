@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import DemixError
+from .inference import attention, fast_inference, token_group_norm
 
 __all__ = [
     "CrossTransformerEncoder",
@@ -121,6 +122,8 @@ class _GroupNormBTC(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise x (B, T, C)."""
+        if self.num_groups == 1 and fast_inference(x):
+            return token_group_norm(self, x)
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
@@ -198,7 +201,7 @@ class _SelfAttentionLayer(_Layer):
         super().__init__("self_attn", 2, options)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, x, x, need_weights=False)[0])
+        return self.dropout1(attention(self.self_attn, x, x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Transform x (B, T, C)."""
@@ -226,7 +229,7 @@ class _CrossAttentionLayer(_Layer):
         super().__init__("cross_attn", 3, options)
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        return self.dropout1(self.cross_attn(query, key, key, need_weights=False)[0])
+        return self.dropout1(attention(self.cross_attn, query, key))
 
     def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Transform x (B, T, C) attending to `other` (B, S, C)."""

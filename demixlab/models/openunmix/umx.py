@@ -267,6 +267,12 @@ class UMX(SeparationModel):
         return torch.stack(outputs, dim=1), new_states
 
     @property
+    def parallel_chunks(self) -> bool:
+        """False: the forward pass runs its target networks and Wiener tiles side by side itself
+        (chunks side by side would hold several 30 s chunks' spectrograms for no gain)."""
+        return False
+
+    @property
     def lookahead(self) -> tp.Optional[int]:
         """`n_fft - 1` samples (the STFT frames) with a unidirectional LSTM and a frame-local
         filter (`wiener_iterations=0`); None otherwise (a bidirectional LSTM or EM over a window
