@@ -313,8 +313,9 @@ def _solve_lapack(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Ten
     matrix = matrix.contiguous()
     rhs = rhs.to(torch.float64)
     solutions, singular = [], False
-    # One BLAS thread: a 2-thread OpenBLAS next to torch's 2-thread OpenMP pool made the whole
-    # evaluation 5x slower on 2 cores (12.5 s against 2.3 s per 20 s track: the pools collide).
+    # One BLAS thread: two make the big system's potrf 2x faster on an idle machine, but next to
+    # torch's OpenMP threads on a loaded one the whole evaluation went 2-3x slower (the pools
+    # collide), and choosing by load would make the metrics depend on it (different rounding).
     with threadpoolctl.threadpool_limits(_BLAS_THREADS, user_api="blas"):
         for system, right in zip(matrix.reshape(-1, *matrix.shape[-2:]), rhs.reshape(-1, *rhs.shape[-2:])):
             diagonal = system.diagonal().clone()
