@@ -199,6 +199,8 @@ def test_models_that_thread_themselves_run_chunks_in_order():
     try:
         assert chunk_jobs(umx, None) == 1 and chunk_jobs(umx, 3) == 3
         assert chunk_jobs(HTDemucs(SOURCES, **SMALL_HT), None) == 2
+        torch.set_num_threads(8)  # a big machine: memory must not grow with the cores
+        assert chunk_jobs(HTDemucs(SOURCES, **SMALL_HT), None) == 4 and chunk_jobs(umx, 8) == 8
     finally:
         torch.set_num_threads(previous)
 

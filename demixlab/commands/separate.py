@@ -62,7 +62,7 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
                              "(default: rescale)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="batches of chunks separated in parallel threads sharing torch's threads (default: "
-                             "on the CPU one per torch thread for models that gain from it, e.g. HTDemucs; else 1)")
+                             "on the CPU one per torch thread, at most 4, for models that gain from it, e.g. HTDemucs; else 1)")
     parser.add_argument("--batch-chunks", type=int, default=DEFAULT_BATCH_CHUNKS, metavar="N",
                         help="chunks stacked into one forward pass: the same stems in fewer, larger passes "
                              "(on the CPU the default chunks side by side are faster for HTDemucs), more memory "

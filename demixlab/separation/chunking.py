@@ -18,6 +18,9 @@ from ..errors import DemixError
 from ..models import SeparationModel
 from ..threads import shared_thread_pool
 
+MAX_AUTOMATIC_JOBS = 4
+"""Most batches of chunks side by side unless told otherwise: each holds its own activations (a
+full-size HTDemucs chunk about 0.4 GB), so memory must not grow with the machine's core count."""
 DEFAULT_BATCH_CHUNKS = 1
 """Chunks per forward pass unless told otherwise (see :func:`choose_batch_chunks`)."""
 
@@ -36,15 +39,15 @@ def check_jobs(jobs: tp.Optional[int]) -> None:
 
 def chunk_jobs(model: SeparationModel, jobs: tp.Optional[int]) -> int:
     """Batches of chunks to run side by side: `jobs` itself when given; when None, torch's intra-op
-    thread count for a model on the CPU that allows it (:attr:`SeparationModel.parallel_chunks`:
-    one intra-op thread per batch, which keeps the cores busier than one OpenMP team waiting at
-    every small operation), else 1."""
+    thread count (at most :data:`MAX_AUTOMATIC_JOBS`) for a model on the CPU that allows it
+    (:attr:`SeparationModel.parallel_chunks`: one intra-op thread per batch, which keeps the cores
+    busier than one OpenMP team waiting at every small operation), else 1."""
     if jobs is not None:
         check_jobs(jobs)
         return jobs
     if _model_device(model).type != "cpu" or not model.parallel_chunks:
         return 1
-    return max(1, torch.get_num_threads())
+    return max(1, min(torch.get_num_threads(), MAX_AUTOMATIC_JOBS))
 
 
 def check_batch_chunks(batch_chunks: int) -> None:
