@@ -193,6 +193,8 @@ def test_gram_solver_matches_a_dense_solve_and_falls_back_on_indefinite_systems(
         assert torch.equal(matrix, original)  # only overwrite=True may use it as workspace
         torch.testing.assert_close(matrix @ solution, rhs, rtol=0, atol=1e-9)
         torch.testing.assert_close(bsseval._solve(matrix.clone(), rhs, overwrite=True), solution, rtol=0, atol=0)
+        torch_solution, _ = bsseval._solve_torch(matrix, rhs)  # the path of CUDA and other devices
+        torch.testing.assert_close(matrix @ torch_solution, rhs, rtol=0, atol=1e-9)
 
 
 def test_rounding_singular_gram_systems_are_loaded_not_solved_by_lu(monkeypatch):
@@ -208,11 +210,20 @@ def test_rounding_singular_gram_systems_are_loaded_not_solved_by_lu(monkeypatch)
         raise AssertionError("a positive semi-definite system fell back to LU")
 
     monkeypatch.setattr(bsseval.lapack, "dgesv", no_lu)
-    solution = bsseval._solve(gram, rhs)
     minimum_norm = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ rhs
-    torch.testing.assert_close(gram @ solution, rhs, rtol=0, atol=1e-9)
-    # not LU's arbitrary null-space components: the minimum-norm solution, up to rounding's share
-    assert torch.linalg.norm(solution - minimum_norm) < 1e-2 * torch.linalg.norm(minimum_norm)  # LU: 4 % off
+    lapack_solution = bsseval._solve(gram, rhs)
+    monkeypatch.setattr(torch.linalg, "solve", no_lu)
+    torch_solution, singular = bsseval._solve_torch(gram, rhs)  # the path of CUDA and other devices
+    assert singular
+    for solution in (lapack_solution, torch_solution):
+        torch.testing.assert_close(gram @ solution, rhs, rtol=0, atol=1e-9)
+        # not LU's arbitrary null-space components: the minimum-norm solution, up to rounding's share
+        assert torch.linalg.norm(solution - minimum_norm) < 1e-2 * torch.linalg.norm(minimum_norm)  # LU: 4 % off
+    # in a batch, only the system that failed is loaded: the other's solution is untouched
+    batch = torch.stack([gram, gram.diagonal().add(1.0).diag() + gram])
+    solutions, _ = bsseval._solve_torch(batch, rhs.expand(2, -1, -1))
+    torch.testing.assert_close(solutions[1], torch.cholesky_solve(rhs, torch.linalg.cholesky(batch[1])), rtol=0,
+                               atol=0)
 
 
 def test_frequency_tiles_do_not_change_the_metrics(monkeypatch):

@@ -278,13 +278,7 @@ def _solve(matrix: torch.Tensor, rhs: torch.Tensor, overwrite: bool = False) -> 
     if matrix.device.type == "cpu":
         solution, singular = _solve_lapack(matrix if overwrite else matrix.clone(), rhs)
     else:
-        factor, info = torch.linalg.cholesky_ex(matrix)
-        if bool((info == 0).all()):
-            singular = _singular(factor.diagonal(dim1=-2, dim2=-1))
-            solution = torch.cholesky_solve(rhs, factor)
-        else:
-            singular = True
-            solution = torch.linalg.solve(matrix, rhs)
+        solution, singular = _solve_torch(matrix, rhs)
     if singular:
         logger.debug("BSS Eval v4: the distortion filters' Gram system is numerically singular")
         if not _warned_singular:
@@ -293,6 +287,23 @@ def _solve(matrix: torch.Tensor, rhs: torch.Tensor, overwrite: bool = False) -> 
                            "Gram system is numerically singular: ISR, SIR and SAR then depend on rounding (in "
                            "museval too; SDR does not). Compare SDR; read ISR/SIR/SAR with care.")
     return solution
+
+
+def _solve_torch(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Tensor, bool]:
+    """The solve of :func:`_solve` by torch's kernels (CUDA and other devices), with the same
+    fallbacks as :func:`_solve_lapack`: a system whose Cholesky factorisation fails is loaded
+    with :data:`_DIAGONAL_LOADING` x N eps max(diagonal) and factorised again, and all are solved
+    by LU only if that fails too. Returns the solution and whether any system was singular."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(rhs, factor), _singular(factor.diagonal(dim1=-2, dim2=-1))
+    diagonal = matrix.diagonal(dim1=-2, dim2=-1)
+    loading = _DIAGONAL_LOADING * matrix.shape[-1] * _EPS * diagonal.abs().amax(-1)
+    loading = torch.where(info != 0, loading, torch.zeros_like(loading))  # only the systems that failed
+    factor, info = torch.linalg.cholesky_ex(matrix + torch.diag_embed(loading.unsqueeze(-1).expand_as(diagonal)))
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(rhs, factor), True
+    return torch.linalg.solve(matrix, rhs), True
 
 
 def _singular(cholesky_diagonal: torch.Tensor) -> bool:

@@ -122,9 +122,7 @@ class DiffQuantizer(nn.Module):
     def model_size_mb(self) -> torch.Tensor:
         """The weights' size in MB at the learned bits, differentiable in the bits (float32 weights
         that are not quantised count 32 bits each)."""
-        total = 0.0
-        for size, bits in zip(self.sizes, self.bits()):  # every group holds group_size values, the last the rest
-            total = total + bits.sum() * self.group_size - (bits.numel() * self.group_size - size) * bits[-1]
+        total = sum((bits * self.group_counts(index)).sum() for index, bits in enumerate(self.bits()))
         return (total + 32.0 * self.float_values) / 8 / MEGABYTE
 
     def rounded_bits(self) -> tp.Dict[str, torch.Tensor]:

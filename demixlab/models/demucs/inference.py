@@ -29,7 +29,7 @@ def fast_inference(x: torch.Tensor) -> bool:
 
 
 def _plain(conv: nn.Module) -> bool:
-    """One group, zero padding mode, no dilation beyond what the kernels below handle."""
+    """One group, zero padding mode, explicit (not "same"/"valid") padding."""
     return conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
 
 
@@ -140,14 +140,11 @@ def _kernel_for(conv: nn.Module) -> tp.Optional[tp.Callable[[tp.Any, torch.Tenso
     if kind in (nn.Conv1d, nn.Conv2d):
         if _ones(conv.kernel_size) and _ones(conv.stride) and not any(conv.padding):
             return pointwise_conv
-        if not _ones(conv.dilation):
-            if kind is nn.Conv1d and conv.stride[0] == 1 and conv.kernel_size[0] % 2 \
-                    and conv.padding[0] == conv.dilation[0] * (conv.kernel_size[0] // 2):
-                return same_conv1d
-            return None
         if kind is nn.Conv1d and conv.stride[0] == 1 and conv.kernel_size[0] % 2 \
-                and conv.padding[0] == conv.kernel_size[0] // 2:
+                and conv.padding[0] == conv.dilation[0] * (conv.kernel_size[0] // 2):
             return same_conv1d
+        if not _ones(conv.dilation):
+            return None
         along_first = kind is nn.Conv1d or (conv.kernel_size[1] == 1 and conv.stride[1] == 1 and conv.padding[1] == 0)
         if along_first and conv.stride[0] > 1 and conv.kernel_size[0] % conv.stride[0] == 0:
             return strided_conv
