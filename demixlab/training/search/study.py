@@ -161,7 +161,7 @@ class Search:
         done = finished_history(xp)
         if done is not None:
             self.log(f"{described}: finished before, reading its history")
-            self._report(trial, done, set())
+            self._report(trial, done, set(), prune=False)
             self._complete(trial, xp, done)
             return
         pruned = self._pruned_before(xp.sig, trial.number)
@@ -182,9 +182,10 @@ class Search:
                      if frozen.user_attrs.get("signature") == sig and frozen.number != number), None)
 
     def _report(self, trial: optuna.Trial, history: tp.Sequence[tp.Mapping[str, tp.Any]],
-                reported: tp.Set[int]) -> bool:
-        """Report the epochs not reported yet; whether the pruner wants the trial stopped."""
-        new = False
+                reported: tp.Set[int], prune: bool = True) -> tp.Optional[int]:
+        """Report the epochs not reported yet, in order. With `prune`, returns the first epoch after
+        which the pruner wants the trial stopped (later epochs, which ran before the poll saw them,
+        are not reported), else None; without, reports them all (a finished trial)."""
         for step, entry in enumerate(history, start=1):
             if step in reported:
                 continue
@@ -201,16 +202,19 @@ class Search:
                 continue
             if math.isfinite(value):
                 trial.report(value, step)
-                new = True
-        return new and trial.should_prune()
+                if prune and trial.should_prune():
+                    return step
+        return None
 
     def _advance(self, item: ActiveTrial) -> bool:
         """Read the trial's new epochs; prune it, or settle it when its run ended. True once settled."""
         history = running_history(item.xp)
-        if self._report(item.trial, history, item.reported):
+        pruned_at = self._report(item.trial, history, item.reported)
+        if pruned_at is not None:
             item.run.stop()
-            self.log(f"trial {item.trial.number} ({item.xp.sig}): pruned after epoch {len(history)} "
-                     f"({self.space.metric} {_format(metric_value(history[-1], self.space.metric))})")
+            late = f", {len(history)} run" if len(history) > pruned_at else ""
+            self.log(f"trial {item.trial.number} ({item.xp.sig}): pruned after epoch {pruned_at}{late} "
+                     f"({self.space.metric} {_format(metric_value(history[pruned_at - 1], self.space.metric))})")
             self.study.tell(item.trial, state=TrialState.PRUNED)
             return True
         finished = item.run.finished()
@@ -220,7 +224,7 @@ class Search:
         if done is None:
             self._fail(item.trial, f"{item.xp.sig}: {item.run.describe_failure()}")
             return True
-        self._report(item.trial, done, item.reported)
+        self._report(item.trial, done, item.reported, prune=False)
         self._complete(item.trial, item.xp, done)
         return True
 
