@@ -77,9 +77,10 @@ class StageTimer:
     """Wall-clock seconds spent in each stage function of demixlab.evaluation.bsseval, exclusive of
     the stages it calls (the module's functions are wrapped while enabled)."""
 
-    STAGES = {"_lagged_correlations": "cross-correlations (FFT)", "_distortion_filters": "Gram and rhs assembly",
-              "_solve": "solve, all sources", "_solve_own": "solve, own sources", "_filtered_metrics":
-              "per-frame projections", "bss_eval_v4": "framing, SDR, silence"}
+    STAGES = {"_lagged_correlations": "cross-correlations (FFT)", "_distortion_filters": "systems' assembly",
+              "_block_toeplitz_cholesky": "block Schur factor, all", "_solve_block_toeplitz": "solve and refine, all",
+              "_solve": "dense solve, all sources", "_solve_own": "dense solve, own sources",
+              "_filtered_metrics": "per-frame projections", "bss_eval_v4": "framing, SDR, silence"}
 
     def __init__(self) -> None:
         self.seconds: tp.Dict[str, float] = {name: 0.0 for name in self.STAGES}

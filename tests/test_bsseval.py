@@ -257,3 +257,86 @@ def test_lagged_correlations_match_a_direct_sum_over_blocks_and_chunks(monkeypat
         low, high = max(0, -lag), min(length, length - lag)
         expected = first[:, None, low:high].mul(both[None, :, low + lag:high + lag]).sum(-1)
         torch.testing.assert_close(got[..., max_lag + lag], expected, rtol=0, atol=1e-11)
+
+
+def _reference_correlations(signals: torch.Tensor, filters_len: int) -> torch.Tensor:
+    import demixlab.evaluation.bsseval as bsseval
+    return bsseval._lagged_correlations([signals], filters_len - 1)
+
+
+def test_block_schur_factor_is_the_cholesky_factor_of_the_dense_gram():
+    import demixlab.evaluation.bsseval as bsseval
+    filters_len, pairs = 16, 6
+    correlations = _reference_correlations(clip(3, 0.5, seed=22).reshape(pairs, -1), filters_len)
+    dense = bsseval._dense_gram(correlations, filters_len)  # (signal, delay) order
+    order = torch.arange(pairs * filters_len).reshape(pairs, filters_len).T.reshape(-1)  # (delay, signal) order
+    expected = torch.linalg.cholesky(dense[order][:, order]).mT.numpy()
+    first_row = bsseval._first_block_row(correlations)
+    np.testing.assert_array_equal(first_row, dense[order][:, order][:pairs].numpy())
+    factor = np.full_like(expected, np.nan)
+    assert bsseval._block_toeplitz_cholesky(first_row, factor)
+    upper = np.triu(factor)
+    assert np.isnan(np.tril(factor, -pairs)[np.tril_indices_from(factor, -pairs)]).all()  # never written
+    np.testing.assert_allclose(upper, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    indefinite = first_row.copy()
+    indefinite[0, 0] = -indefinite[0, 0]
+    assert not bsseval._block_toeplitz_cholesky(indefinite, factor)
+
+
+def test_block_toeplitz_solve_matches_the_dense_solve():
+    import demixlab.evaluation.bsseval as bsseval
+    filters_len, pairs = 24, 4
+    correlations = _reference_correlations(clip(2, 0.5, seed=23).reshape(pairs, -1), filters_len)
+    dense = bsseval._dense_gram(correlations, filters_len)
+    rhs = torch.randn(pairs * filters_len, 3, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    torch.testing.assert_close(bsseval._gram_product(correlations, rhs, bsseval._EPS), dense @ rhs, rtol=1e-12,
+                               atol=1e-12 * float(dense.abs().max()))
+    solution = bsseval._solve_block_toeplitz(correlations, rhs)
+    torch.testing.assert_close(solution, bsseval._solve(dense, rhs), rtol=1e-9, atol=0)
+    torch.testing.assert_close(dense @ solution, rhs, rtol=0, atol=1e-9)
+
+
+def test_rounding_singular_block_toeplitz_systems_are_loaded(monkeypatch, caplog):
+    import demixlab.evaluation.bsseval as bsseval
+    filters_len, pairs = 32, 4
+    signals = clip(2, 1, seed=25).reshape(pairs, -1)
+    spectrum = torch.fft.rfft(signals)
+    spectrum[..., spectrum.shape[-1] // 4:] = 0  # band-limited: singular to rounding
+    correlations = _reference_correlations(torch.fft.irfft(spectrum, n=signals.shape[-1]), filters_len)
+    dense = bsseval._dense_gram(correlations, filters_len)
+    rhs = dense @ torch.randn(pairs * filters_len, 2, generator=torch.Generator().manual_seed(26),
+                              dtype=torch.float64)  # consistent
+    attempts = []
+    factorise = bsseval._block_toeplitz_cholesky
+    monkeypatch.setattr(bsseval, "_block_toeplitz_cholesky", lambda *args: attempts.append(1) or factorise(*args))
+    monkeypatch.setattr(bsseval, "_warned_singular", False)
+    with caplog.at_level("WARNING", logger="demixlab.bsseval"):
+        solution = bsseval._solve_block_toeplitz(correlations, rhs)
+    assert len(attempts) == 2 and "numerically singular" in caplog.text  # broke down, then loaded
+    torch.testing.assert_close(dense @ solution, rhs, rtol=0, atol=1e-8 * float(rhs.abs().max()))
+    # the same Tikhonov solution as the dense loaded Cholesky solve's, up to what rounding leaves of it
+    # (5e-4 here; both are 10-30 % from a pseudo-inverse's, depending on where that cuts the spectrum)
+    loaded = bsseval._solve(dense, rhs)
+    assert torch.linalg.norm(solution - loaded) < 1e-2 * torch.linalg.norm(loaded)
+
+
+def test_metrics_are_unchanged_when_the_block_schur_algorithm_breaks_down(monkeypatch):
+    import demixlab.evaluation.bsseval as bsseval
+    references = clip(2, 3, seed=27)
+    estimates = references + 0.4 * clip(2, 3, seed=28) + 0.2 * references.roll(1, dims=0)
+    schur = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    monkeypatch.setattr(bsseval, "_block_toeplitz_cholesky", lambda first_row, factor: False)
+    dense = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)  # falls back to the dense Cholesky solve
+    for metric in METRICS:
+        torch.testing.assert_close(schur[metric], dense[metric], rtol=0, atol=1e-9)
+
+
+def test_single_source_matches_museval_with_infinite_sir():
+    # One source: the all-sources system is the own-source one, so e_interf is exactly zero in
+    # museval (SIR inf); demixlab must not solve it twice by different methods.
+    references = clip(1, 3, seed=29)
+    estimates = references + 0.3 * clip(1, 3, seed=30)
+    got = bss_eval_v4(references, estimates, SAMPLERATE, SAMPLERATE)
+    expected = museval_frames(references, estimates)
+    assert np.isposinf(expected["sir"]).all() and torch.isposinf(got["sir"]).all()
+    assert_frames_match(got, expected, metrics=("sdr", "isr", "sar"))

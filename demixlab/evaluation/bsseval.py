@@ -27,25 +27,29 @@ scaled by 1 + 1e-12, and no implementation can reproduce them; a warning is logg
 
 Here all cross-correlations come from blocked FFTs (every signal transformed once per block: the
 reference blocks' zero-padded middles against the windows around them), the big Gram system is
-solved once for all estimates (museval refactorises it per source) by Cholesky, and the per-frame
+solved once for all estimates (museval refactorises it per source), and the per-frame
 projections of all frames and sources are batched products in the frequency domain, their
 energies by Parseval; single-threaded, the correlation sums and the projections run over
 cache-sized frequency tiles and small chunks of blocks and frames (buffers below glibc's mmap
 threshold are reused; fresh ones cost a page fault per 4 KB: 0.1-0.7 s per 20 s track).
 Per-bin matrix products (torch.bmm or einsum over frequencies, complex or as real blocks) were
 tried for both: with a few rows per bin they cost more than the broadcast multiply-adds.
-Where one thread's time goes on a 20 s four-source stereo track (bench/sdr.py --profile, wall
-seconds on the busy shared 2-core machine): correlations 0.50, Gram assembly 0.14, Cholesky of
-the 4096 x 4096 system 0.90, own-source systems 0.10, projections 0.46 (about half of it the
-frames' FFTs), framing and SDR 0.10; a 60 s track: 1.51, 0.16, 0.88, 0.10, 1.57, 0.34.
-On the CPU the Gram systems are factorised in place by LAPACK's potrf/potrs (scipy, one BLAS
-thread): ``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes a
-triangle afterwards (on the 4096 x 4096 system of four stereo sources, one thread: 0.7-1.7 s
-against 0.4-0.8 s in place). The own-source systems (the Gram's diagonal blocks, 1024 x 1024)
-take a tenth of the big one's time; the big factor's leading block is the first source's own
-factor, but reusing it would save a quarter of that (about 0.01-0.02 s): not done.
-(A block Levinson solve of the block-Toeplitz Gram system was tried: on music-like references,
-whose systems have condition numbers of 1e7-1e9, its residual is 1e-10 against 1e-15 for Cholesky.)
+On the CPU the big system (4096 x 4096 for four stereo sources) is never formed: it is block
+Toeplitz (the references delayed by 0..511 samples), and the block Schur algorithm factorises it
+from its first block row in O(p^3 n^2) instead of Cholesky's O(p^3 n^3) (p = 8 signals, n = 512
+delays: 0.07 s against 0.4-0.9 s for LAPACK's potrf on one thread), followed by one step of
+iterative refinement against the exact system (products by FFT), after which its residual is
+Cholesky's (1e-17 relative). A block Levinson solve was tried before it: on music-like
+references, whose systems have condition numbers of 1e7-1e9, its residual is 1e-10 against
+1e-15 for Cholesky. The own-source systems (the big one's diagonal blocks, 1024 x 1024) are
+dense Cholesky solves, factorised in place by LAPACK's potrf/potrs (scipy, one BLAS thread):
+``torch.linalg.cholesky_ex`` copies the matrix to column-major order and zeroes a triangle
+afterwards (on a 4096 x 4096 system, one thread: 0.7-1.7 s against 0.4-0.8 s in place). So is
+the big system on other devices, or when the Schur algorithm breaks down even after loading.
+Where one thread's time goes on a 20 s four-source stereo track (bench/sdr.py --profile --threads 1,
+wall seconds, quiet machine): correlations 0.24, systems' assembly 0.02, block Schur factor 0.07,
+solve and refinement 0.05, own-source systems 0.04-0.07, projections 0.22 (about half of it the
+frames' FFTs), framing and SDR 0.05.
 Everything runs in float64 on the inputs' device; the evaluation loop passes CPU tensors.
 """
 import logging
@@ -242,26 +246,151 @@ def _distortion_filters(refs: torch.Tensor, ests: torch.Tensor,
     pairs = sources * channels
     lag = filters_len - 1
     correlations = _lagged_correlations([refs.reshape(pairs, -1), ests.reshape(pairs, -1)], lag)
+    ref_correlations = correlations[:, :pairs]
+    # rhs[(p, a), (s, c)] = <ref_p delayed by a, est_{s, c}> = corr[p, P + s*C + c, a]
+    rhs = correlations[:, pairs:, lag:].permute(0, 2, 1).reshape(pairs * filters_len, pairs)
+    # Each estimate onto its own reference only: the big system's diagonal blocks.
+    own_gram = torch.stack([_dense_gram(ref_correlations[j * channels:(j + 1) * channels,
+                                                         j * channels:(j + 1) * channels], filters_len)
+                            for j in range(sources)])
+    block = channels * filters_len
+    own_rhs = torch.stack([rhs[j * block:(j + 1) * block, j * channels:(j + 1) * channels] for j in range(sources)])
+    filters_own = _solve(own_gram, own_rhs, overwrite=True).reshape(sources, channels, filters_len, channels)
+    if sources == 1:  # the same system: the same filters (e_interf exactly zero, SIR inf, as in museval)
+        return filters_own[:, None], filters_own
+    filters_all = _solve_block_toeplitz(ref_correlations, rhs) if refs.device.type == "cpu" else None
+    if filters_all is None:  # not on the CPU, or the block Schur algorithm broke down twice
+        filters_all = _solve(_dense_gram(ref_correlations, filters_len), rhs, overwrite=True)
+    filters_all = filters_all.reshape(sources, channels, filters_len, sources, channels).permute(3, 0, 1, 2, 4)
+    return filters_all.contiguous(), filters_own
+
+
+def _dense_gram(correlations: torch.Tensor, filters_len: int) -> torch.Tensor:
+    """The (P L, P L) Gram matrix of P signals delayed by 0..L-1 samples, regularised like
+    museval's (+ eps on the diagonal), from their (P, P, 2 L - 1) lagged correlations
+    (:func:`_lagged_correlations`)."""
+    pairs, lag = correlations.shape[0], filters_len - 1
     # gram[(p, a), (q, b)] = <ref_p delayed by a, ref_q delayed by b> = corr[p, q, a - b]
     # = flipped[p, q, lag - a + b]: row a of every block is one contiguous slice of `flipped`
     # (filters_len slice copies beat one gather with computed indices 2x).
-    flipped = correlations[:, :pairs].flip(-1)
-    gram = torch.empty(pairs, filters_len, pairs, filters_len, dtype=refs.dtype, device=refs.device)
+    flipped = correlations.flip(-1)
+    gram = correlations.new_empty(pairs, filters_len, pairs, filters_len)
     for delay in range(filters_len):
         gram[:, delay].copy_(flipped[:, :, lag - delay:lag - delay + filters_len])
     gram = gram.reshape(pairs * filters_len, pairs * filters_len)
-    # rhs[(p, a), (s, c)] = <ref_p delayed by a, est_{s, c}> = corr[p, P + s*C + c, a]
-    rhs = correlations[:, pairs:, lag:].permute(0, 2, 1).reshape(pairs * filters_len, pairs)
     gram.diagonal().add_(_EPS)
-    # The diagonal blocks of the same system: each estimate onto its own reference only
-    # (copied out first: the CPU solve factorises the big system in place).
-    block = channels * filters_len
-    own_gram = torch.stack([gram[j * block:(j + 1) * block, j * block:(j + 1) * block] for j in range(sources)])
-    own_rhs = torch.stack([rhs[j * block:(j + 1) * block, j * channels:(j + 1) * channels] for j in range(sources)])
-    filters_all = _solve(gram, rhs, overwrite=True)
-    filters_all = filters_all.reshape(sources, channels, filters_len, sources, channels).permute(3, 0, 1, 2, 4)
-    filters_own = _solve(own_gram, own_rhs, overwrite=True)  # already regularised like museval's
-    return filters_all.contiguous(), filters_own.reshape(sources, channels, filters_len, channels)
+    return gram
+
+
+def _solve_block_toeplitz(correlations: torch.Tensor, rhs: torch.Tensor) -> tp.Optional[torch.Tensor]:
+    """CPU solve of the Gram system of :func:`_dense_gram` without forming it: the Cholesky factor
+    of the block-Toeplitz matrix by the block Schur algorithm (:func:`_block_toeplitz_cholesky`),
+    then one step of iterative refinement against the exact system (its product by FFTs).
+
+    ``correlations`` (P, P, 2 L - 1), ``rhs`` (P L, M) in the (signal, delay) order of
+    :func:`_dense_gram`. On four stereo references (a 4096 x 4096 system, one thread) this takes
+    0.12 s against 0.4-0.5 s for potrf/potrs of the dense system, and its residual after
+    refinement is the same (1e-17 relative). Warns like :func:`_solve` when the system is
+    numerically singular: its squared pivots span more than 1 / SINGULAR_RCOND, or the Schur
+    algorithm breaks down (on toy tracks with ever lower noise floors it still factorised at a
+    pivot ratio of 1e-12 and broke down where potrf's was 1e-14). The system is then loaded like
+    in :func:`_solve_lapack` and factorised again: the Tikhonov solution. Returns None when that
+    breaks down too (the caller then solves the dense system).
+    """
+    pairs, _, span = correlations.shape
+    filters_len = (span + 1) // 2
+    size = pairs * filters_len
+    first_row = _first_block_row(correlations)
+    factor = torch.empty(size, size, dtype=torch.float64).numpy()  # torch's allocator: no huge-page compaction stalls
+    diagonal_load = _EPS
+    with threadpoolctl.threadpool_limits(_BLAS_THREADS, user_api="blas"):
+        singular = not _block_toeplitz_cholesky(first_row, factor)
+        if singular:
+            loading = _DIAGONAL_LOADING * size * _EPS * float(np.diagonal(first_row[:, :pairs]).max())
+            np.fill_diagonal(first_row[:, :pairs], np.diagonal(first_row[:, :pairs]) + loading)
+            diagonal_load += loading
+            if not _block_toeplitz_cholesky(first_row, factor):
+                return None
+        else:
+            singular = _singular(torch.from_numpy(np.diagonal(factor).copy()))
+
+        def solve(right: torch.Tensor) -> torch.Tensor:  # (P L, M) in (signal, delay) order
+            permuted = right.reshape(pairs, filters_len, -1).transpose(0, 1).reshape(size, -1).numpy()
+            solution = lapack.dpotrs(factor.T, permuted, lower=1)[0]  # factor.T: column-major, lower
+            return torch.from_numpy(solution).reshape(filters_len, pairs, -1).transpose(0, 1).reshape(size, -1)
+
+        solution = solve(rhs)
+        solution += solve(rhs - _gram_product(correlations, solution, diagonal_load))
+    if singular:
+        _warn_singular()
+    return solution
+
+
+def _first_block_row(correlations: torch.Tensor) -> np.ndarray:
+    """Block row 0 of :func:`_dense_gram`'s matrix in (delay, signal) order, where it is block
+    Toeplitz: [B_0, ..., B_{L-1}] (P, L P) with B_k[p, q] = gram[(p, 0), (q, k)] = corr[p, q, -k]
+    (+ eps on B_0's diagonal), from the (P, P, 2 L - 1) correlations (a fresh CPU array)."""
+    pairs, _, span = correlations.shape
+    filters_len = (span + 1) // 2
+    first_row = correlations[..., :filters_len].flip(-1).permute(0, 2, 1).contiguous()  # (P, L, P)
+    first_row[:, 0].diagonal().add_(_EPS)
+    return first_row.reshape(pairs, pairs * filters_len).numpy()
+
+
+def _gram_product(correlations: torch.Tensor, vectors: torch.Tensor, diagonal: float) -> torch.Tensor:
+    """``(_dense_gram(correlations) - eps I + diagonal I) @ vectors`` by FFT convolutions:
+    (P, P, 2 L - 1), (P L, M) -> (P L, M)."""
+    pairs, _, span = correlations.shape
+    filters_len = (span + 1) // 2
+    n_fft = _fast_size(span)  # (gram @ x)[p, a] = sum_q,b corr[p, q, a - b] x[q, b]: lags a - b within +-(L - 1)
+    columns = vectors.reshape(pairs, filters_len, -1).transpose(1, 2)  # (P, M, L)
+    spectrum = torch.einsum("pqf,qmf->pmf", torch.fft.rfft(correlations, n=n_fft), torch.fft.rfft(columns, n=n_fft))
+    product = torch.fft.irfft(spectrum, n=n_fft)[..., filters_len - 1:span]  # (P, M, L)
+    return (product.transpose(1, 2).reshape(vectors.shape) + diagonal * vectors)
+
+
+def _block_toeplitz_cholesky(first_row: np.ndarray, factor: np.ndarray) -> bool:
+    """Upper Cholesky factor R (T = R^T R) of the symmetric block-Toeplitz matrix T with first
+    block row ``first_row`` = [B_0, B_1, ..., B_{n-1}] (p, n p) (block (i, j) of T is B_{j-i},
+    B_{-k} = B_k^T), by the block Schur algorithm: O(p^3 n^2) work instead of Cholesky's O(p^3 n^3).
+
+    T - Z T Z^T (Z: the block shift) is G+^T G+ - G-^T G- with the 2p generator rows
+    G+ = U^-T [B_0 .. B_{n-1}], G- = U^-T [0, B_1 .. B_{n-1}] (B_0 = U^T U). At step k a
+    J-unitary transformation of the generator (J = diag(I, -I)) zeroes block k of G-; G+ is then
+    block row k of R, and shifts one block right. The transformation, from the blocks P of G+
+    and Q of G- (K = Q P^-1): G+ <- M^-T (P^T G+ - Q^T G-) with M^T M = P^T P - Q^T Q, and
+    G- <- C^-T (G- - K G+) with C^T C = I - K K^T. Writes R's blocks on and above the block
+    diagonal into ``factor`` (n p, n p) (the rest is left untouched; the diagonal blocks' lower
+    triangles hold rounding-level values, which LAPACK's triangular solves do not read). Returns
+    False when T is not numerically positive definite (a pivot's Cholesky fails).
+    """
+    p, size = first_row.shape
+    cholesky, inverse = np.linalg.cholesky, np.linalg.inv
+    try:
+        np.matmul(inverse(cholesky(first_row[:, :p])), first_row, out=factor[:p])
+        generator = np.empty((2 * p, size - p))  # G+ (shifted) over G-, blocks k .. n-1
+        spare = np.empty_like(generator)
+        generator[:p] = factor[:p, :size - p]
+        generator[p:] = factor[:p, p:]
+        identity = np.eye(p)
+        top, bottom = np.empty((p, 2 * p)), np.empty((p, 2 * p))
+        for k in range(1, size // p):
+            width = size - k * p
+            current = generator[:, :width]
+            positive, negative = current[:p, :p], current[p:, :p]
+            coefficients = negative @ inverse(positive)
+            top[:, :p], top[:, p:] = positive.T, -negative.T
+            bottom[:, :p], bottom[:, p:] = -coefficients, identity
+            row = factor[k * p:(k + 1) * p, k * p:]
+            np.matmul(inverse(cholesky(positive.T @ positive - negative.T @ negative)) @ top, current, out=row)
+            if width > p:
+                np.matmul(inverse(cholesky(identity - coefficients @ coefficients.T)) @ bottom, current[:, p:],
+                          out=spare[p:, :width - p])
+                spare[:p, :width - p] = row[:, :width - p]
+                generator, spare = spare, generator
+    except np.linalg.LinAlgError:
+        return False
+    return bool(np.isfinite(np.diagonal(factor)).all())
 
 
 def _solve(matrix: torch.Tensor, rhs: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
@@ -274,19 +403,24 @@ def _solve(matrix: torch.Tensor, rhs: torch.Tensor, overwrite: bool = False) -> 
     garbage afterwards. Warns (once per process) when the system is numerically singular: then
     ISR, SIR and SAR depend on rounding, in museval as here (SDR does not).
     """
-    global _warned_singular
     if matrix.device.type == "cpu":
         solution, singular = _solve_lapack(matrix if overwrite else matrix.clone(), rhs)
     else:
         solution, singular = _solve_torch(matrix, rhs)
     if singular:
-        logger.debug("BSS Eval v4: the distortion filters' Gram system is numerically singular")
-        if not _warned_singular:
-            _warned_singular = True
-            logger.warning("BSS Eval v4: the references are band-limited enough that the distortion filters' "
-                           "Gram system is numerically singular: ISR, SIR and SAR then depend on rounding (in "
-                           "museval too; SDR does not). Compare SDR; read ISR/SIR/SAR with care.")
+        _warn_singular()
     return solution
+
+
+def _warn_singular() -> None:
+    """Log that a Gram system is numerically singular (a warning once per process)."""
+    global _warned_singular
+    logger.debug("BSS Eval v4: the distortion filters' Gram system is numerically singular")
+    if not _warned_singular:
+        _warned_singular = True
+        logger.warning("BSS Eval v4: the references are band-limited enough that the distortion filters' "
+                       "Gram system is numerically singular: ISR, SIR and SAR then depend on rounding (in "
+                       "museval too; SDR does not). Compare SDR; read ISR/SIR/SAR with care.")
 
 
 def _solve_torch(matrix: torch.Tensor, rhs: torch.Tensor) -> tp.Tuple[torch.Tensor, bool]:
