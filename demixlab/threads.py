@@ -20,7 +20,8 @@ def map_in_threads(function: tp.Callable[[Item], Result], items: tp.Sequence[Ite
                    workers: tp.Optional[int] = None) -> tp.List[Result]:
     """`[function(item) for item in items]`, spread over `workers` threads (default: torch's
     intra-op thread count) that each run torch with their share of the caller's intra-op threads
-    (one each by default, see :func:`shared_thread_pool`) and the caller's grad and inference modes. With fewer than two workers or items: in order, in this thread."""
+    (one each by default, see :func:`shared_thread_pool`) and the caller's grad and inference
+    modes. With fewer than two workers or items: in order, in this thread."""
     workers = min(torch.get_num_threads() if workers is None else workers, len(items))
     if workers < 2:
         return [function(item) for item in items]

@@ -11,7 +11,7 @@ import torch
 from demixlab.errors import DemixError
 from demixlab.models import get_family
 from demixlab.release.model_file import QUANTIZED_FORMAT, load_package, model_from_package
-from demixlab.release.quantized import decode_weight, encode_weight
+from demixlab.release.quantized import decode_weight, encode_weight, encoded_values, mean_bits
 from demixlab.training.diffq import DiffQuantizer, NoisyModel, QuantConfig
 from demixlab.training.export import export
 from tests.cli import TINY, load_checkpoint
@@ -270,3 +270,12 @@ def test_two_processes_train_with_diffq_in_lockstep(tmp_path, cache_dir):
     log = (folder / "train.log").read_text()
     assert "epoch 2: weights identical on the 2 processes" in log
     assert load_checkpoint(folder)["best_bits"]
+
+
+def test_mean_bits_weights_each_group_by_the_values_it_holds():
+    generator = torch.Generator().manual_seed(3)
+    first = encode_weight(torch.randn(10, generator=generator), torch.tensor([4, 12]), group_size=8)  # 8 + 2 values
+    second = encode_weight(torch.randn(3, 2, generator=generator), torch.tensor([2]), group_size=8)  # 6 values
+    assert [encoded_values(first), encoded_values(second)] == [10, 6]
+    assert mean_bits([first, second]) == pytest.approx((8 * 4 + 2 * 12 + 6 * 2) / 16)
+    assert mean_bits([]) == 0

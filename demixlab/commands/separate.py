@@ -5,9 +5,10 @@ Tracks are separated one after the other, each read and written block by block
 memory does not grow with a track's length, and a track's stems appear only once all are
 complete. `--batch-chunks N` stacks N chunks into one forward pass and `--jobs N` runs batches in
 parallel threads (by default on the CPU, one per torch thread for models that gain from it; memory
-grows with the chunks in flight, not with the track). An output folder that cannot be written is an error before any separation. A track that cannot be read, separated
-or written is reported in one line and skipped (none of its stems is left behind); the others are
-still written, and the exit code is then non-zero.
+grows with the chunks in flight, not with the track). An output folder that cannot be written is
+an error before any separation. A track that cannot be read, separated or written is reported in
+one line and skipped (none of its stems is left behind); the others are still written, and the
+exit code is then non-zero.
 """
 import argparse
 import contextlib
@@ -61,8 +62,9 @@ def build_parser(parser: tp.Optional[argparse.ArgumentParser] = None) -> argpars
                         help="avoid clipping: rescale a stem whose peak exceeds 1, clamp it, or none "
                              "(default: rescale)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="batches of chunks separated in parallel threads sharing torch's threads (default: "
-                             "on the CPU one per torch thread, at most 4, for models that gain from it, e.g. HTDemucs; else 1)")
+                        help="batches of chunks separated in parallel threads sharing torch's threads "
+                             "(default: on the CPU one per torch thread, at most 4, for models that gain "
+                             "from it, e.g. HTDemucs; else 1)")
     parser.add_argument("--batch-chunks", type=int, default=DEFAULT_BATCH_CHUNKS, metavar="N",
                         help="chunks stacked into one forward pass: the same stems in fewer, larger passes "
                              "(on the CPU the default chunks side by side are faster for HTDemucs), more memory "

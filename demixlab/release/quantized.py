@@ -65,7 +65,7 @@ def decode_weight(entry: tp.Mapping[str, tp.Any], where: str = "quantized weight
     if not isinstance(entry, dict) or any(field not in entry for field in ENTRY_FIELDS):
         raise DemixError(f"{where}: expected a dict with the fields {', '.join(ENTRY_FIELDS)}")
     bits, group_size = entry["bits"], int(entry["group_size"])
-    count = entry["levels"].numel() + entry["wide_levels"].numel()
+    count = encoded_values(entry)
     if group_size < 1 or bits.numel() != -(-count // group_size):
         raise DemixError(f"{where}: {bits.numel()} bit depths do not fit {count} levels in groups of {group_size}")
     wide = per_value(bits > 8, group_size, count)
@@ -78,6 +78,19 @@ def decode_weight(entry: tp.Mapping[str, tp.Any], where: str = "quantized weight
     delta = per_value(group_deltas(entry["min"].double(), entry["max"].double(), bits.double()), group_size, count)
     values = entry["min"].double() + levels * delta
     return values.float().reshape(entry["shape"])
+
+
+def encoded_values(entry: tp.Mapping[str, tp.Any]) -> int:
+    """How many weight values an encoded weight holds."""
+    return entry["levels"].numel() + entry["wide_levels"].numel()
+
+
+def mean_bits(entries: tp.Iterable[tp.Mapping[str, tp.Any]]) -> float:
+    """The mean bit depth over all values of the encoded weights (0 for none)."""
+    entries = list(entries)
+    total = sum(float(per_value(entry["bits"].float(), int(entry["group_size"]), encoded_values(entry)).sum())
+                for entry in entries)
+    return total / max(sum(encoded_values(entry) for entry in entries), 1)
 
 
 def encoded_bytes(entry: tp.Mapping[str, tp.Any]) -> int:

@@ -55,8 +55,9 @@ class Separator:
 
     def __init__(self, repo: tp.Union[str, Path], name: str, *, device: str = "cpu",
                  segment: tp.Optional[float] = None, split: bool = True, overlap: float = 0.25, shifts: int = 0,
-                 overrides: tp.Optional[tp.Mapping[str, tp.Any]] = None, jobs: tp.Optional[int] = None, progress: bool = False,
-                 seed: int = 0, backend: str = "torch", batch_chunks: int = DEFAULT_BATCH_CHUNKS):
+                 overrides: tp.Optional[tp.Mapping[str, tp.Any]] = None, jobs: tp.Optional[int] = None,
+                 progress: bool = False, seed: int = 0, backend: str = "torch",
+                 batch_chunks: int = DEFAULT_BATCH_CHUNKS):
         if backend not in BACKENDS:
             raise DemixError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         if segment is not None and segment <= 0:

@@ -142,7 +142,8 @@ class DiffQuantizer(nn.Module):
     def mean_bits(self) -> float:
         """The mean rounded bit depth over the quantised values."""
         counts = [self.group_counts(index) for index in range(len(self.names))]
-        total = sum(float((bits.float() * count.cpu()).sum()) for bits, count in zip(self.rounded_bits().values(), counts))
+        total = sum(float((bits.float() * count.cpu()).sum())
+                    for bits, count in zip(self.rounded_bits().values(), counts))
         return total / sum(float(count.sum()) for count in counts)
 
     def metrics(self) -> tp.Dict[str, float]:

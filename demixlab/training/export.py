@@ -25,7 +25,7 @@ from ..experiment import default_dora_dir, parse_signature
 from ..files import atomic_path
 from ..release.compression import prune_state
 from ..release.model_file import QUANTIZED_FORMAT, load_package, model_from_package, package_model
-from ..release.quantized import encoded_bytes, per_value
+from ..release.quantized import encoded_bytes, encoded_values, mean_bits
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint
 from .diffq import quantize_state
 from .finetune import merge_adapters
@@ -69,11 +69,9 @@ def export(signature: tp.Any, out: Path, sign: bool = False, half: bool = False,
         float_bytes = sum(state[name].numel() * 4 for name in bits)
         state, quantized = quantize_state(state, bits, int(checkpoint["group_size"]))
         stored = sum(encoded_bytes(entry) for entry in quantized.values())
-        values = sum(entry["levels"].numel() + entry["wide_levels"].numel() for entry in quantized.values())
-        mean_bits = sum(float(per_value(entry["bits"].float(), entry["group_size"], entry["levels"].numel()
-                                        + entry["wide_levels"].numel()).sum()) for entry in quantized.values())
+        values = sum(encoded_values(entry) for entry in quantized.values())
         origin["diffq"] = {"group_size": int(checkpoint["group_size"]), "weights": len(quantized),
-                           "mean_bits": round(mean_bits / max(values, 1), 3), "float32_bytes": float_bytes,
+                           "mean_bits": round(mean_bits(quantized.values()), 3), "float32_bytes": float_bytes,
                            "stored_bytes": stored}
         logger.info("DiffQ: %d weight tensors (%d values) stored at %.2f bits on average: %.1f kB instead of "
                     "%.1f kB as float32", len(quantized), values, origin["diffq"]["mean_bits"], stored / 1024,
